@@ -1,0 +1,19 @@
+"""The data pipeline: raw videos -> official-format JSONL (``prepare``) -> samples (``dataset``) -> batches
+(``collate``). See docs/DATA.md."""
+
+from internvl.data.collate import InternVLDataCollator
+from internvl.data.dataset import build_datasets
+from internvl.data.tiling import build_transform, dynamic_preprocess
+from internvl.data.tokenize import preprocess_conversation
+from internvl.data.video import get_frame_indices, probe_video, read_video_frames
+
+__all__ = [
+    "InternVLDataCollator",
+    "build_datasets",
+    "build_transform",
+    "dynamic_preprocess",
+    "get_frame_indices",
+    "preprocess_conversation",
+    "probe_video",
+    "read_video_frames",
+]

@@ -1,0 +1,519 @@
+"""``meta.json`` -> training and evaluation datasets of InternVL samples.
+
+Every record type of the official format works: text only, one image, several images, and video (a video file,
+a GIF or a folder of frames). Each sample is (see docs/ARCHITECTURE.md):
+
+- ``input_ids``, ``labels``: LongTensor ``[L]``, ``labels`` = ``IGNORE_INDEX`` where nothing is trained;
+- ``pixel_values``: ``[T, 3, S, S]`` image tiles or video frames (text samples carry one white tile);
+- ``image_flags``: LongTensor ``[T]``, 0 for that white tile.
+
+Video samples draw T frames in ``[min_num_frame, max_num_frame]`` (never more than the video holds), one tile per
+frame, each announced by a ``Frame-N: <image>`` line, and then drop frames until the sample fits
+``max_seq_length``: an image span is never cut. Samples that cannot be built (corrupt file, too long) are replaced by
+others and counted (``bad_samples``); a dataset that is mostly unreadable stops with an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl.data.tiling import build_transform, dynamic_preprocess
+from internvl.data.tokenize import (
+    ROLE_USER,
+    SampleTooLongError,
+    image_token_ids,
+    preprocess_conversation,
+    truncate_sample,
+)
+from internvl.data.video import VIDEO_BACKENDS, is_frame_folder, probe_video, read_video_frames
+
+logger = logging.getLogger(__name__)
+
+EVAL_SUFFIX = "_val"
+META_KEYS = ("root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "length")
+# Bad-sample policy: one unreadable file is skipped; a dataset that is mostly unreadable is an error.
+MAX_CONSECUTIVE_FAILURES = 10
+FAILURE_WINDOW = 50
+MAX_FAILURE_RATE = 0.5
+TEXT_ONLY_DUMMY_SIZE = 224
+
+
+class DatasetHealthError(RuntimeError):
+    """Too many samples in a row (or in a recent window) could not be built."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``meta.json`` entry, with paths resolved."""
+
+    name: str
+    root: Path
+    annotation: Path
+    data_augment: bool
+    max_dynamic_patch: int | None
+    repeat_time: float
+
+    @property
+    def is_eval(self) -> bool:
+        return self.name.endswith(EVAL_SUFFIX)
+
+
+def _resolve(meta_dir: Path, value: str, what: str, meta_path: Path) -> Path:
+    """Relative paths in ``meta.json`` are relative to its folder; the official code took them relative to the
+    working directory, which is tried second so existing meta files keep working."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    for candidate in (meta_dir / path, Path.cwd() / path):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{meta_path}: {what} {value!r} not found relative to the meta file's folder ({meta_dir}) nor to the "
+        "working directory; fix the path (relative paths are taken from the meta file's folder)"
+    )
+
+
+def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
+    """Read and check ``meta.json``: ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time,
+    length}}`` (``length`` is informational and ``max_dynamic_patch`` optional)."""
+    meta_path = Path(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"meta file {meta_path} not found; create it with scripts/prepare_internvl3_finetuning.py"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{meta_path}: expected a JSON object {{dataset name: settings}}, with at least one entry")
+    specs = []
+    for name, entry in meta.items():
+        where = f"{meta_path}: dataset {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with keys {', '.join(META_KEYS)}")
+        for key in ("root", "annotation"):
+            if not isinstance(entry.get(key), str):
+                raise ValueError(f"{where}: missing the {key!r} path")
+        if not entry["annotation"].endswith(".jsonl"):
+            raise ValueError(f"{where}: 'annotation' must be a .jsonl file, got {entry['annotation']!r}")
+        repeat_time = entry.get("repeat_time", 1)
+        if not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
+            raise ValueError(f"{where}: 'repeat_time' must be a positive number, got {repeat_time!r}")
+        if repeat_time > 1 and repeat_time != int(repeat_time):
+            raise ValueError(f"{where}: a 'repeat_time' above 1 must be a whole number, got {repeat_time}")
+        max_patch = entry.get("max_dynamic_patch")
+        if max_patch is not None and (not isinstance(max_patch, int) or max_patch < 1):
+            raise ValueError(f"{where}: 'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+        specs.append(
+            DatasetSpec(
+                name=name,
+                root=_resolve(meta_path.parent, entry["root"], "root", meta_path),
+                annotation=_resolve(meta_path.parent, entry["annotation"], "annotation", meta_path),
+                data_augment=bool(entry.get("data_augment", False)),
+                max_dynamic_patch=max_patch,
+                repeat_time=repeat_time,
+            )
+        )
+    return specs
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a line that is not a JSON object is an error naming ``file:line``."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                raise ValueError(f"{path}:{line_number}: a record must be an object with a 'conversations' list")
+            record["_source"] = f"{path.name}:{line_number}"
+            records.append(record)
+    return records
+
+
+def apply_repeat_time(records: list, repeat_time: float) -> list:
+    """Below 1, keep the first ``int(N * repeat_time)`` records (the official behaviour); above 1, repeat them."""
+    if repeat_time < 1:
+        return records[: int(len(records) * repeat_time)]
+    return records * int(repeat_time)
+
+
+def video_frame_prompt(num_frames: int) -> str:
+    """The official per-frame lines that replace ``<video>``: ``Frame-1: <image>`` ... one per line."""
+    return "".join(f"Frame-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_frames + 1))
+
+
+_VIDEO_PLACEHOLDER_LINE = re.compile(re.escape(VIDEO_PLACEHOLDER) + r"\n?")
+
+
+def _with_placeholder(conversations: list[dict], placeholder: str) -> list[dict]:
+    """Prepend ``placeholder + '\\n'`` to the first user turn when no user turn has it (official behaviour)."""
+    if any(placeholder in turn["value"] for turn in conversations if turn.get("from") == ROLE_USER):
+        return conversations
+    conversations = [dict(turn) for turn in conversations]
+    for turn in conversations:
+        if turn.get("from") == ROLE_USER:
+            turn["value"] = placeholder + "\n" + turn["value"]
+            return conversations
+    raise ValueError("the conversation has no user ('human') turn")
+
+
+def _expand_video(conversations: list[dict], num_frames: int) -> list[dict]:
+    expanded = [dict(turn) for turn in conversations]
+    found = 0
+    for turn in expanded:
+        if turn.get("from") == ROLE_USER:
+            found += turn["value"].count(VIDEO_PLACEHOLDER)
+            turn["value"] = _VIDEO_PLACEHOLDER_LINE.sub(lambda _: video_frame_prompt(num_frames), turn["value"])
+    if found != 1:
+        raise ValueError(f"a video record needs exactly one {VIDEO_PLACEHOLDER} in its user turns, found {found}")
+    return expanded
+
+
+class LazySupervisedDataset(torch.utils.data.Dataset):
+    """The records of one ``meta.json`` entry, turned into samples on access."""
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        tokenizer,
+        *,
+        frame_sampling: str,
+        template_name: str = "internvl2_5",
+        num_image_token: int = 256,
+        image_size: int = 448,
+        dynamic_image_size: bool = True,
+        use_thumbnail: bool = True,
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 12,
+        min_num_frame: int = 8,
+        max_num_frame: int = 32,
+        max_seq_length: int = 8192,
+        normalize_type: str = "imagenet",
+        pad2square: bool = False,
+        video_backend: str = "pyav",
+    ):
+        if not 1 <= min_num_frame <= max_num_frame:
+            raise ValueError(f"need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}")
+        if video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {video_backend!r}")
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.frame_sampling = frame_sampling
+        self.template_name = template_name
+        self.num_image_token = num_image_token
+        self.image_size = image_size
+        self.dynamic_image_size = dynamic_image_size
+        self.use_thumbnail = use_thumbnail
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = spec.max_dynamic_patch or max_dynamic_patch
+        self.min_num_frame = min_num_frame
+        self.max_num_frame = max_num_frame
+        self.max_seq_length = max_seq_length
+        self.video_backend = video_backend
+        self.transform = build_transform(spec.data_augment, image_size, pad2square, normalize_type)
+        self.img_end_id = image_token_ids(tokenizer)[2]
+        self.records = apply_repeat_time(load_jsonl(spec.annotation), spec.repeat_time)
+        self._lengths: list[int] | None = None
+        self._frame_counts: dict[str, tuple[int, float | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def media_path(self, relative_path: str) -> str:
+        # os.path.join keeps a frame folder's trailing "/".
+        return os.path.join(self.spec.root, relative_path)
+
+    def describe(self, index: int) -> str:
+        """Where a record comes from, for logs: ``annotation.jsonl:12 (video clip.mp4)``."""
+        record = self.records[index]
+        media = next((f"{key} {record[key]}" for key in ("video", "image") if record.get(key)), "text")
+        return f"{self.spec.name} {record['_source']} ({media})"
+
+    # -- lengths ----------------------------------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token-length estimates for length-grouped batching: a record's ``length`` field if it has one, else
+        the tokenized text plus the image tokens it will most likely get. Computed on first use."""
+        if self._lengths is None:
+            texts = ["\n".join(str(turn.get("value", "")) for turn in r["conversations"]) for r in self.records]
+            text_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            self._lengths = [
+                int(record["length"]) if "length" in record else min(self.max_seq_length, n + self._image_estimate(record))
+                for record, n in zip(self.records, text_lengths)
+            ]
+        return self._lengths
+
+    def _image_estimate(self, record: dict) -> int:
+        per_tile = self.num_image_token + 2
+        if record.get("image"):
+            images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+            return per_tile * len(images) * (self.max_dynamic_patch + int(self.use_thumbnail))
+        if record.get("video"):
+            frames = (self.min_num_frame + self.max_num_frame) // 2
+            if record.get("decoded_frames"):
+                frames = min(frames, int(record["decoded_frames"]))
+            return (per_tile + 6) * frames  # + the "Frame-N: " line
+        return 0
+
+    # -- samples ----------------------------------------------------------------------------------------------------
+
+    def get_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Build sample ``index``; raises if the record cannot become a valid sample."""
+        record = self.records[index]
+        if record.get("image"):
+            return self._image_sample(record)
+        if record.get("video"):
+            return self._video_sample(record, rng)
+        return self._text_sample(record)
+
+    def _tokenize(self, conversations, num_image_token_list, text_only=False) -> dict[str, torch.Tensor]:
+        return preprocess_conversation(
+            conversations, self.tokenizer, num_image_token_list, template_name=self.template_name, text_only=text_only
+        )
+
+    def _sample(self, conversations, tiles: list[Image.Image], tiles_per_image: list[int], text_only=False):
+        tokens = self._tokenize(conversations, [self.num_image_token * n for n in tiles_per_image], text_only)
+        input_ids, labels = truncate_sample(tokens["input_ids"], tokens["labels"], self.max_seq_length, self.img_end_id)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": torch.stack([self.transform(tile) for tile in tiles]),
+            "image_flags": torch.full((len(tiles),), 0 if text_only else 1, dtype=torch.long),
+        }
+
+    def _load_image(self, relative_path: str) -> Image.Image:
+        with Image.open(self.media_path(relative_path)) as image:
+            return image.convert("RGB")
+
+    def _tiles(self, image: Image.Image, max_num: int) -> list[Image.Image]:
+        if not self.dynamic_image_size:
+            return [image]
+        return dynamic_preprocess(image, self.min_dynamic_patch, max_num, self.image_size, self.use_thumbnail)
+
+    def _image_sample(self, record: dict):
+        paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+        conversations = record["conversations"]
+        if len(paths) == 1:
+            conversations = _with_placeholder(conversations, IMAGE_PLACEHOLDER)
+        max_num = max(1, self.max_dynamic_patch // len(paths))
+        tiles, tiles_per_image = [], []
+        for path in paths:
+            image_tiles = self._tiles(self._load_image(path), max_num)
+            tiles += image_tiles
+            tiles_per_image.append(len(image_tiles))
+        return self._sample(conversations, tiles, tiles_per_image)
+
+    def _text_sample(self, record: dict):
+        white = Image.new("RGB", (TEXT_ONLY_DUMMY_SIZE, TEXT_ONLY_DUMMY_SIZE), (255, 255, 255))
+        return self._sample(record["conversations"], [white], [], text_only=True)
+
+    def _video_length(self, record: dict, path: str) -> tuple[int, float | None]:
+        """(frames that decode, fps): from the folder listing, the prepare metadata, or a probe (cached)."""
+        if not is_frame_folder(path) and record.get("decoded_frames"):
+            return int(record["decoded_frames"]), record.get("fps")
+        if path not in self._frame_counts:
+            info = probe_video(path, self.video_backend)
+            self._frame_counts[path] = (info.num_frames, info.fps)
+        return self._frame_counts[path]
+
+    def _video_sample(self, record: dict, rng: np.random.Generator):
+        path = self.media_path(record["video"])
+        conversations = _with_placeholder(record["conversations"], VIDEO_PLACEHOLDER)
+        vlen, fps = self._video_length(record, path)
+        fewest = min(self.min_num_frame, vlen)
+        num_frames = min(int(rng.integers(self.min_num_frame, self.max_num_frame + 1)), vlen)
+        # Drop frames until the sample fits: every frame is a whole image span, so nothing is ever cut inside one.
+        while True:
+            frame_conversations = _expand_video(conversations, num_frames)
+            tokens = self._tokenize(frame_conversations, [self.num_image_token] * num_frames)
+            if len(tokens["input_ids"]) <= self.max_seq_length:
+                break
+            if num_frames <= fewest:
+                raise SampleTooLongError(
+                    f"{len(tokens['input_ids'])} tokens with {num_frames} frames > max_seq_length "
+                    f"{self.max_seq_length}; shorten the text or raise max_seq_length"
+                )
+            num_frames -= 1
+        frames = read_video_frames(
+            path,
+            num_frames,
+            self.frame_sampling,
+            backend=self.video_backend,
+            clip=record.get("clip"),
+            num_decoded_frames=vlen,
+            fps=fps,
+            rng=rng,
+        )
+        return {
+            "input_ids": tokens["input_ids"],
+            "labels": tokens["labels"],
+            "pixel_values": torch.stack([self.transform(frame) for frame in frames]),
+            "image_flags": torch.ones(num_frames, dtype=torch.long),
+        }
+
+
+class _SharedCounter:
+    """An integer shared with DataLoader worker processes, so the trainer sees the workers' counts."""
+
+    def __init__(self):
+        self._value = multiprocessing.Value("q", 0)
+
+    def increment(self) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+
+class SupervisedDataset(torch.utils.data.ConcatDataset):
+    """Several ``LazySupervisedDataset`` as one, with the bad-sample policy.
+
+    A sample that cannot be built is logged with its source, counted in ``bad_samples`` and replaced by another
+    one (random for training, the next ones in order for evaluation, so evaluation stays deterministic).
+    ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or more than ``MAX_FAILURE_RATE`` of the last
+    ``FAILURE_WINDOW`` attempts, raise ``DatasetHealthError``.
+    """
+
+    def __init__(self, datasets: list[LazySupervisedDataset], *, is_eval: bool, seed: int = 0):
+        super().__init__(datasets)
+        self.is_eval = is_eval
+        self.seed = seed
+        self._bad_samples = _SharedCounter()
+        self._recent: deque[bool] = deque(maxlen=FAILURE_WINDOW)  # per process: True = failed
+        self._consecutive_failures = 0
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: tuple | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        return [length for dataset in self.datasets for length in dataset.lengths]
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples skipped so far, over all DataLoader workers."""
+        return self._bad_samples.value
+
+    def _locate(self, index: int) -> tuple[LazySupervisedDataset, int]:
+        dataset_index = int(np.searchsorted(self.cumulative_sizes, index, side="right"))
+        start = self.cumulative_sizes[dataset_index - 1] if dataset_index else 0
+        return self.datasets[dataset_index], index - start
+
+    def _training_rng(self) -> np.random.Generator:
+        # One generator per process, seeded from torch's seed: DataLoader workers get a fresh torch seed each
+        # epoch, so frame draws differ across epochs and workers but repeat for a fixed trainer seed.
+        owner = (os.getpid(), getattr(torch.utils.data.get_worker_info(), "id", None))
+        if self._rng_owner != owner:
+            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**63])
+            self._rng_owner = owner
+        return self._rng
+
+    def _sample_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index]) if self.is_eval else self._training_rng()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        attempt = index
+        while True:
+            dataset, local_index = self._locate(attempt)
+            try:
+                sample = dataset.get_sample(local_index, self._sample_rng(attempt))
+            except Exception as error:
+                self._record_failure(dataset.describe(local_index), error)
+                attempt = (attempt + 1) % len(self) if self.is_eval else int(self._training_rng().integers(len(self)))
+                continue
+            self._recent.append(False)
+            self._consecutive_failures = 0
+            return sample
+
+    def _record_failure(self, source: str, error: Exception) -> None:
+        self._bad_samples.increment()
+        self._recent.append(True)
+        self._consecutive_failures += 1
+        logger.warning("skipping bad sample %s: %s: %s", source, type(error).__name__, error)
+        failures = sum(self._recent)
+        if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES or (
+            len(self._recent) == FAILURE_WINDOW and failures > MAX_FAILURE_RATE * FAILURE_WINDOW
+        ):
+            raise DatasetHealthError(
+                f"{failures} of the last {len(self._recent)} samples could not be built "
+                f"({self._consecutive_failures} in a row); the latest, {source}, failed with "
+                f"{type(error).__name__}: {error}. Check the paths and roots in meta.json, or rerun "
+                "scripts/prepare_internvl3_finetuning.py to validate the data"
+            ) from error
+
+
+def build_datasets(
+    meta_path: str | os.PathLike,
+    tokenizer,
+    *,
+    template_name: str = "internvl2_5",
+    num_image_token: int = 256,
+    image_size: int = 448,
+    dynamic_image_size: bool = True,
+    use_thumbnail: bool = True,
+    min_dynamic_patch: int = 1,
+    max_dynamic_patch: int = 12,
+    min_num_frame: int = 8,
+    max_num_frame: int = 32,
+    max_seq_length: int = 8192,
+    normalize_type: str = "imagenet",
+    pad2square: bool = False,
+    seed: int = 0,
+    video_backend: str = "pyav",
+) -> tuple[SupervisedDataset, SupervisedDataset | None]:
+    """``(train_dataset, eval_dataset_or_None)`` from ``meta.json``.
+
+    Entries whose name ends in ``_val`` form the evaluation set, with frames sampled at segment middles; the rest
+    form the training set, with random frames. Empty entries are left out; no training entry is an error.
+    """
+    common = dict(
+        template_name=template_name,
+        num_image_token=num_image_token,
+        image_size=image_size,
+        dynamic_image_size=dynamic_image_size,
+        use_thumbnail=use_thumbnail,
+        min_dynamic_patch=min_dynamic_patch,
+        max_dynamic_patch=max_dynamic_patch,
+        min_num_frame=min_num_frame,
+        max_num_frame=max_num_frame,
+        max_seq_length=max_seq_length,
+        normalize_type=normalize_type,
+        pad2square=pad2square,
+        video_backend=video_backend,
+    )
+    train_parts, eval_parts = [], []
+    for spec in load_meta(meta_path):
+        dataset = LazySupervisedDataset(spec, tokenizer, frame_sampling="middle" if spec.is_eval else "rand", **common)
+        logger.info("dataset %s: %d samples from %s", spec.name, len(dataset), spec.annotation)
+        if len(dataset):
+            (eval_parts if spec.is_eval else train_parts).append(dataset)
+    if not train_parts:
+        raise ValueError(
+            f"{meta_path}: no training samples (every entry is empty or ends in {EVAL_SUFFIX!r}, which marks "
+            "evaluation data)"
+        )
+    train = SupervisedDataset(train_parts, is_eval=False, seed=seed)
+    evaluation = SupervisedDataset(eval_parts, is_eval=True, seed=seed) if eval_parts else None
+    return train, evaluation

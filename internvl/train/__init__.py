@@ -1,0 +1,1 @@
+"""The fine-tuning recipe: arguments, ``main()``, callbacks and the launcher."""

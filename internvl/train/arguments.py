@@ -1,0 +1,220 @@
+"""Command-line arguments of the fine-tuning recipe.
+
+The official InternVL flag names are kept, so the official shell scripts run unchanged. Four flags that
+transformers 5 removed from ``TrainingArguments`` are accepted under their old spelling and mapped onto the new
+fields: ``--evaluation_strategy`` (``eval_strategy``), ``--warmup_ratio`` (a fractional ``warmup_steps``),
+``--group_by_length`` (``train_sampling_strategy="group_by_length"``) and ``--overwrite_output_dir`` (start from
+scratch instead of resuming). Official flags this recipe does not implement are rejected with the reason, unless
+they ask for the official default, in which case they change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "InternVL checkpoint folder (official layout)."})
+    freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+    freeze_mlp: bool = field(default=False, metadata={"help": "Freeze the vision-to-language projector (mlp1)."})
+    unfreeze_vit_layers: int = field(
+        default=0, metadata={"help": "Train the vision layers from this index on (negative: the last -K layers)."}
+    )
+    vision_select_layer: int = field(default=-1, metadata={"help": "Vision layer whose features feed the LLM."})
+    use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank R on the vision tower (alpha 2R)."})
+    use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank R on the LLM (alpha 2R, dropout 0.05)."})
+    grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM."})
+    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the vision tower."})
+    ps_version: str = field(default="v2", metadata={"help": "Pixel-shuffle version.", "choices": ["v1", "v2"]})
+    use_fast_tokenizer: bool = field(default=False, metadata={"help": "Use the fast tokenizer."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Load the LLM in 4-bit with bitsandbytes (QLoRA)."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param)."}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    meta_path: str = field(metadata={"help": "meta.json listing the datasets (names ending in _val: eval set)."})
+    max_seq_length: int = field(default=8192, metadata={"help": "Maximum tokens per sample."})
+    force_image_size: int = field(default=448, metadata={"help": "Tile size in pixels."})
+    down_sample_ratio: float = field(default=0.5, metadata={"help": "Pixel-shuffle ratio; must match the model."})
+    pad2square: bool = field(default=False, metadata={"help": "Pad images to a square before resizing."})
+    conv_style: str = field(default="internvl2_5", metadata={"help": "Chat template (internvl2_5 for InternVL3)."})
+    dynamic_image_size: bool = field(default=False, metadata={"help": "Split images into tiles."})
+    use_thumbnail: bool = field(default=False, metadata={"help": "Add a thumbnail tile to tiled images."})
+    min_dynamic_patch: int = field(default=1, metadata={"help": "Minimum tiles per image."})
+    max_dynamic_patch: int = field(default=12, metadata={"help": "Maximum tiles per image."})
+    min_num_frame: int = field(default=8, metadata={"help": "Minimum frames sampled per video."})
+    max_num_frame: int = field(default=32, metadata={"help": "Maximum frames sampled per video."})
+    normalize_type: str = field(
+        default="imagenet", metadata={"help": "Pixel normalisation.", "choices": ["imagenet", "clip", "siglip"]}
+    )
+
+
+@dataclass
+class InternVLTrainingArguments(TrainingArguments):
+    """HF ``TrainingArguments`` plus the older spellings the official scripts use."""
+
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Older spelling of --eval_strategy."})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of the training steps used for warm-up (becomes --warmup_steps)."}
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch samples of similar length (the dataset's precomputed lengths; nothing is decoded)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch, removing earlier checkpoint-* folders. Without it a run resumes from the "
+            "last complete checkpoint in output_dir."
+        },
+    )
+    # Defaults that differ from HF: dataset samples carry only model inputs, evaluation reports the loss
+    # (collecting logits over a 150k vocabulary would exhaust memory), and tokens/s needs the token count.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Drop sample keys unknown to forward()."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation computes the loss only."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding",
+        metadata={"help": "Count the input tokens seen (for tokens/s).", "choices": ["non_padding", "all", "no"]},
+    )
+
+    def __post_init__(self):
+        self._apply_older_spellings()
+        self.deepspeed = resolve_deepspeed_config(self.deepspeed)
+        if not self.use_cpu and not torch.cuda.is_available():
+            print("No CUDA device found: training on CPU (--use_cpu True).", file=sys.stderr)
+            self.use_cpu = True
+        super().__post_init__()
+
+    def _apply_older_spellings(self) -> None:
+        if self.evaluation_strategy is not None:
+            if str(self.eval_strategy) not in ("no", str(self.evaluation_strategy)):
+                raise ValueError(
+                    f"--evaluation_strategy {self.evaluation_strategy} contradicts --eval_strategy "
+                    f"{self.eval_strategy}; pass only one of them."
+                )
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+            if self.warmup_steps:
+                raise ValueError("Pass either --warmup_ratio or --warmup_steps, not both.")
+            self.warmup_steps = self.warmup_ratio
+        if self.group_by_length:
+            if self.train_sampling_strategy not in ("random", "group_by_length"):
+                raise ValueError(
+                    f"--group_by_length True contradicts --train_sampling_strategy {self.train_sampling_strategy}."
+                )
+            self.train_sampling_strategy = "group_by_length"
+
+
+def resolve_deepspeed_config(config: str | dict | None) -> str | dict | None:
+    """A DeepSpeed config given as a path, or as a bare file name shipped in ``configs/``."""
+    if config is None or isinstance(config, dict) or Path(config).is_file():
+        return config
+    shipped = CONFIGS_DIR / Path(config).name
+    if Path(config).name == config and shipped.is_file():
+        return str(shipped)
+    available = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.json")))
+    raise FileNotFoundError(f"DeepSpeed config {config!r} not found; give a path or one of: {available}.")
+
+
+# Official flags this recipe does not implement, with the value under which they do nothing (the official
+# default) and the reason they are not supported. Scripts written for the official code keep running as long
+# as they leave these at their defaults.
+UNSUPPORTED_OFFICIAL_FLAGS: dict[str, tuple[Any, str]] = {
+    "vision_path": (None, "building a model from a separate vision tower is not supported; pass a full InternVL "
+                          "checkpoint as --model_name_or_path"),
+    "llm_path": (None, "building a model from a separate LLM is not supported; pass a full InternVL checkpoint "
+                       "as --model_name_or_path"),
+    "mlp_path": (None, "loading a separate projector is not supported; pass a full InternVL checkpoint"),
+    "unfreeze_lm_head": (False, "the official flag never trained lm_head (it set an attribute, not requires_grad); "
+                                "train the LLM through --use_llm_lora"),
+    "use_liger": (False, "Liger kernels are not integrated"),
+    "use_data_resampling": (False, "square-root dataset resampling is not implemented; set repeat_time per dataset "
+                                   "in meta.json"),
+    "use_packed_ds": (False, "packed training is not implemented; use --group_by_length True"),
+    "num_images_expected": (40, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "max_packed_tokens": (8192, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "max_buffer_size": (20, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "log_freq": (1000, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "strict_mode": (True, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "replacement": (False, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "allow_overflow": (False, "only used by packed training (--use_packed_ds), which is not implemented"),
+    "loss_reduction": ("token", "only 'token' (mean over trained tokens) is implemented"),
+    "loss_reduction_all_gather": (False, "only used with packed training, which is not implemented"),
+}
+
+
+def _is_default(value: str, default: Any) -> bool:
+    text = value.strip().lower()
+    if default is None:
+        return text in ("", "none")
+    if isinstance(default, bool):
+        return text in (("true", "1", "yes") if default else ("false", "0", "no"))
+    if isinstance(default, int):
+        return text.lstrip("-").isdigit() and int(text) == default
+    return text == str(default).lower()
+
+
+def _raise_for_unsupported(flags: list[tuple[str, str]]) -> None:
+    problems = [
+        f"--{name} {value}: {UNSUPPORTED_OFFICIAL_FLAGS[name][1]}."
+        for name, value in flags
+        if not _is_default(value, UNSUPPORTED_OFFICIAL_FLAGS[name][0])
+    ]
+    if problems:
+        raise ValueError("Unsupported arguments:\n  " + "\n  ".join(problems))
+
+
+def strip_unsupported_flags(argv: list[str]) -> list[str]:
+    """Remove unsupported official flags left at their defaults; raise for any set to something else."""
+    kept, unsupported, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name not in UNSUPPORTED_OFFICIAL_FLAGS:
+            kept.append(token)
+            i += 1
+        elif "=" in token:
+            unsupported.append((name, token.split("=", 1)[1]))
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            unsupported.append((name, argv[i + 1]))
+            i += 2
+        else:  # a bare boolean flag means True
+            unsupported.append((name, "True"))
+            i += 1
+    _raise_for_unsupported(unsupported)
+    return kept
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataTrainingArguments, InternVLTrainingArguments]:
+    """Parse the command line, or a single ``.json`` file holding the same keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, InternVLTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as f:
+            values = json.load(f)
+        _raise_for_unsupported([(k, str(v)) for k, v in values.items() if k in UNSUPPORTED_OFFICIAL_FLAGS])
+        supported = {k: v for k, v in values.items() if k not in UNSUPPORTED_OFFICIAL_FLAGS}
+        return tuple(parser.parse_dict(supported))
+    return tuple(parser.parse_args_into_dataclasses(args=strip_unsupported_flags(argv)))

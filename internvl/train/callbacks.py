@@ -1,0 +1,113 @@
+"""Training-time measurements and the human-readable training log.
+
+``ThroughputMeter`` turns the trainer's counters into tokens/s, samples/s and peak GPU memory for each logging
+step; ``InternVLTrainer.log`` adds them to the logged values, so TensorBoard, ``trainer_state.json`` and
+``training_log.txt`` all carry them. ``TrainingLogCallback`` writes ``training_log.txt``: one line per logging
+step, one per evaluation and a closing summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+TRAINING_LOG_NAME = "training_log.txt"
+
+
+def peak_gpu_memory_gib() -> float | None:
+    """Peak allocated GPU memory of any rank since start, in GiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 2**30
+
+
+class ThroughputMeter(TrainerCallback):
+    """Tokens/s and samples/s over the training time between two logging steps.
+
+    Evaluation and checkpoint saving happen right after a log; the clock restarts when they end, so they do not
+    count as training time. Tokens are the non-padding input tokens of all ranks (``num_input_tokens_seen``);
+    samples are optimizer steps times the effective batch size.
+    """
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self._time = self._tokens = self._step = None
+
+    def _restart(self, state) -> None:
+        self._time, self._tokens, self._step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._restart(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._time = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._time = time.perf_counter()
+
+    def measure(self, state) -> dict[str, float]:
+        """Throughput since the previous call (or the start of training); restarts the measurement."""
+        if self._time is None:
+            return {}
+        elapsed = max(time.perf_counter() - self._time, 1e-9)
+        values = {
+            "tokens_per_second": (state.num_input_tokens_seen - self._tokens) / elapsed,
+            "samples_per_second": (state.global_step - self._step) * self.samples_per_step / elapsed,
+        }
+        peak = peak_gpu_memory_gib()
+        if peak is not None:
+            values["peak_gpu_memory_gib"] = peak
+        self._restart(state)
+        return values
+
+
+def format_train_line(step: int, max_steps: int, logs: dict) -> str:
+    peak = logs.get("peak_gpu_memory_gib")
+    fields = [
+        f"step {step}/{max_steps}",
+        f"epoch {logs.get('epoch', 0.0):.2f}",
+        f"loss {logs['loss']:.4f}",
+        f"lr {logs.get('learning_rate', 0.0):.3e}",
+        f"grad_norm {logs['grad_norm']:.4f}" if "grad_norm" in logs else "grad_norm n/a",
+        f"tokens/s {logs.get('tokens_per_second', 0.0):.1f}",
+        f"samples/s {logs.get('samples_per_second', 0.0):.3f}",
+        f"peak_gpu_mem {peak:.2f} GiB" if peak is not None else "peak_gpu_mem n/a (cpu)",
+    ]
+    return " | ".join(fields)
+
+
+class TrainingLogCallback(TrainerCallback):
+    """Appends readable lines to ``<output_dir>/training_log.txt`` (main process only)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / TRAINING_LOG_NAME
+
+    def _write(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            start = f"resuming at step {state.global_step}" if state.global_step else "starting"
+            self._write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {start}, {state.max_steps} optimizer steps in all")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self._write(format_train_line(state.global_step, state.max_steps, logs))
+        elif "eval_loss" in logs:
+            self._write(f"eval  step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}")
+        elif "train_runtime" in logs:
+            self._write(
+                f"# done: {state.global_step} steps in {logs['train_runtime']:.1f} s, "
+                f"mean loss {logs.get('train_loss', float('nan')):.4f}"
+            )

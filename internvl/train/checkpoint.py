@@ -1,0 +1,111 @@
+"""What a training run writes and how it picks up again.
+
+The output folder (and every ``checkpoint-N``) holds the trained weights only:
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the LLM LoRA adapter in peft's format, loadable with
+  ``PeftModel.from_pretrained(model.language_model, folder)``; ``base_model_name_or_path`` names the InternVL
+  checkpoint it was trained on;
+- ``vision_adapter/``: the same for the vision tower, with ``--use_backbone_lora``;
+- ``non_lora_trainables.safetensors``: any other trained tensors (the projector with ``--freeze_mlp False``,
+  vision layers with ``--unfreeze_vit_layers``), under their parameter names in the training model;
+- ``config.json`` (``InternVLChatConfig`` with ``use_llm_lora`` / ``use_backbone_lora`` set) and the tokenizer.
+
+Under ZeRO-3 parameters are partitioned across ranks; saving them without gathering writes empty or stale
+tensors (the all-zero ``lora_B`` of official issue #905), so every rank first joins a gather of the trainable
+parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+
+from internvl.data.files import atomic_path
+
+# The sub-modules that ``wrap_llm_lora`` / ``wrap_backbone_lora`` turn into peft models, and where their adapters go.
+ADAPTER_FOLDERS = {"language_model": ".", "vision_model": "vision_adapter"}
+NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of all trainable parameters, gathered from their ZeRO-3 partitions. Call it on every rank."""
+    state = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                state[name] = param.detach().to("cpu", copy=True)
+        else:
+            state[name] = param.detach().to("cpu", copy=True)
+    return state
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return ".lora_" in name
+
+
+def save_trained_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], output_dir: Path, *, base_model_path: str
+) -> None:
+    """Write ``state`` (from :func:`gather_trainable_state_dict`) as described in the module docstring."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remaining = dict(state)
+    for attr, folder in ADAPTER_FOLDERS.items():
+        submodule = getattr(model, attr, None)
+        if not isinstance(submodule, PeftModel):
+            continue
+        prefix = f"{attr}."
+        adapter_state = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)
+                         and _is_adapter_tensor(k)}
+        for config in submodule.peft_config.values():
+            config.base_model_name_or_path = base_model_path
+        _save_peft_adapter(submodule, adapter_state, output_dir / folder)
+    if remaining:
+        with atomic_path(output_dir / NON_LORA_WEIGHTS_NAME) as tmp_path:
+            save_file({k: v.contiguous() for k, v in remaining.items()}, str(tmp_path))
+    config = model.config
+    config.save_pretrained(output_dir)
+
+
+def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Tensor], target: Path) -> None:
+    """peft's own writer, into a scratch folder first; each file then replaces its old version in one rename."""
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".adapter.", dir=target))
+    try:
+        peft_model.save_pretrained(scratch, state_dict=adapter_state, safe_serialization=True)
+        for file in scratch.iterdir():
+            if file.is_file():
+                os.replace(file, target / file.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, by step."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint whose trainer state was written (the trainer writes it last), and the newer
+    incomplete ones (a run killed while saving) that are skipped."""
+    incomplete = []
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        if (checkpoint / TRAINER_STATE_NAME).is_file():
+            return checkpoint, incomplete
+        incomplete.append(checkpoint)
+    return None, incomplete

@@ -1,0 +1,271 @@
+"""Fine-tune an InternVL chat model (InternVL3-8B by default) with 4-bit QLoRA under DeepSpeed.
+
+    torchrun --nproc_per_node=2 internvl/train/internvl_chat_finetune.py --model_name_or_path models/InternVL3-8B \
+        --meta_path internvl3_data/meta.json --output_dir work_dirs/run --use_llm_lora 32 \
+        --freeze_llm True --freeze_mlp True --freeze_backbone True --deepspeed zero_stage3_config.json ...
+
+also runs as ``python -m internvl.train.internvl_chat_finetune``. The flags are the official ones (see
+``internvl.train.arguments``); the steps are: arguments (which set the device and register the DeepSpeed config,
+so transformers loads the 4-bit model the ZeRO-3 way) -> output folder (resume or start over) -> tokenizer and
+model -> freezing and LoRA -> gradient checkpointing -> datasets -> Trainer -> train, save, evaluate.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict
+
+import torch
+from transformers import set_seed
+
+from internvl.data.collate import InternVLDataCollator
+from internvl.data.dataset import build_datasets
+from internvl.data.files import atomic_write_text
+from internvl.model.loading import load_internvl_model, load_tokenizer
+from internvl.train.arguments import (
+    DataTrainingArguments,
+    InternVLTrainingArguments,
+    ModelArguments,
+    parse_args,
+)
+from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
+from internvl.train.checkpoint import last_complete_checkpoint, list_checkpoints
+from internvl.train.launch import LAUNCH_COMMAND_ENV
+from internvl.train.trainer import InternVLTrainer
+
+RUN_ARGS_NAME = "run_args.json"
+COMMAND_NAME = "command.txt"
+
+
+def log(message: str) -> None:
+    """Print once (from the main process)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def check_arguments(model_args: ModelArguments, training_args: InternVLTrainingArguments) -> None:
+    """Reject combinations that cannot train, before minutes are spent loading the model."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("Nothing to do: pass --do_train True and/or --do_eval True.")
+    if model_args.load_in_4bit and not model_args.freeze_llm and not model_args.use_llm_lora:
+        raise ValueError(
+            "A 4-bit LLM cannot be trained directly: pass --use_llm_lora R (QLoRA), or --load_in_4bit False to "
+            "train the full LLM."
+        )
+    if training_args.do_train and all(
+        (model_args.freeze_llm, model_args.freeze_backbone, model_args.freeze_mlp)
+    ) and not (model_args.use_llm_lora or model_args.use_backbone_lora or model_args.unfreeze_vit_layers):
+        raise ValueError("Every part is frozen and no LoRA is requested: there is nothing to train.")
+
+
+def prepare_output_dir(training_args: InternVLTrainingArguments) -> str | None:
+    """Start over (``--overwrite_output_dir True``) or return the checkpoint to resume from."""
+    output_dir = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    if training_args.overwrite_output_dir:
+        # Old checkpoints would otherwise mix with the new run's in rotation and in a later resume.
+        with training_args.main_process_first(local=False, desc="clearing old checkpoints"):
+            if training_args.should_save:
+                for checkpoint in list_checkpoints(output_dir):
+                    log(f"--overwrite_output_dir: removing {checkpoint}")
+                    shutil.rmtree(checkpoint)
+                (output_dir / TRAINING_LOG_NAME).unlink(missing_ok=True)
+        return None
+    checkpoint, incomplete = last_complete_checkpoint(output_dir)
+    for folder in incomplete:
+        log(f"Skipping incomplete checkpoint {folder} (no trainer_state.json: the run stopped while saving it).")
+    if checkpoint is not None:
+        log(f"Resuming from {checkpoint} (pass --overwrite_output_dir True to start over).")
+    return str(checkpoint) if checkpoint else None
+
+
+def compute_dtype(training_args: InternVLTrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float16 if training_args.fp16 else torch.float32
+
+
+def load_model(model_args: ModelArguments, data_args: DataTrainingArguments, dtype: torch.dtype):
+    model = load_internvl_model(
+        model_args.model_name_or_path,
+        load_in_4bit=model_args.load_in_4bit,
+        torch_dtype=dtype,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+        config_overrides={
+            "template": data_args.conv_style,
+            "select_layer": model_args.vision_select_layer,
+            "ps_version": model_args.ps_version,
+            "dynamic_image_size": data_args.dynamic_image_size,
+            "use_thumbnail": data_args.use_thumbnail,
+            "min_dynamic_patch": data_args.min_dynamic_patch,
+            "max_dynamic_patch": data_args.max_dynamic_patch,
+            "force_image_size": data_args.force_image_size,
+            "drop_path_rate": model_args.drop_path_rate,
+        },
+    )
+    if model.config.downsample_ratio != data_args.down_sample_ratio:
+        raise ValueError(
+            f"--down_sample_ratio {data_args.down_sample_ratio} does not match the checkpoint's downsample_ratio "
+            f"{model.config.downsample_ratio} (the projector's input width depends on it)."
+        )
+    return model
+
+
+def configure_trainable_parameters(model, model_args: ModelArguments) -> None:
+    """Freezing, LoRA and checkpointing, in the official order (LoRA after freezing, so its weights train)."""
+    if model_args.freeze_backbone:
+        model.vision_model.requires_grad_(False)
+    if model_args.freeze_llm:
+        model.language_model.requires_grad_(False)
+    if model_args.use_backbone_lora:
+        r = model_args.use_backbone_lora
+        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, lora_dropout=0.05)
+    if model_args.use_llm_lora:
+        r = model_args.use_llm_lora
+        model.wrap_llm_lora(r=r, lora_alpha=2 * r, lora_dropout=0.05)
+    if model_args.freeze_mlp:
+        model.mlp1.requires_grad_(False)
+    if model_args.unfreeze_vit_layers:
+        vision = model.vision_model
+        encoder = (vision.get_base_model() if hasattr(vision, "get_base_model") else vision).encoder
+        for layer in encoder.layers[model_args.unfreeze_vit_layers :]:
+            layer.requires_grad_(True)
+    if model_args.grad_checkpoint:
+        model.gradient_checkpointing_enable()  # reentrant: the variant that works with PEFT + ZeRO-3
+    model.base_language_model.config.use_cache = False
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed 4-bit tensor element holds several weights."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def count_over_ranks(count: int) -> int:
+    """Sum of a per-process count over all processes."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    total = torch.tensor(count, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
+    """``run_args.json`` (the resolved arguments of this run) and ``command.txt`` (every launch, appended)."""
+    model_args, data_args, training_args = args
+    record = {
+        "model_args": asdict(model_args),
+        "data_args": asdict(data_args),
+        "training_args": training_args.to_dict(),
+    }
+    atomic_write_text(output_dir / RUN_ARGS_NAME, json.dumps(record, indent=2, default=str) + "\n")
+    lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S')} world size {training_args.world_size}"]
+    if os.environ.get(LAUNCH_COMMAND_ENV):
+        lines.append(os.environ[LAUNCH_COMMAND_ENV])
+    else:
+        lines.append(shlex.join([sys.executable, *sys.argv[:1], *argv]))
+    with open(output_dir / COMMAND_NAME, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = parse_args(argv)
+    check_arguments(model_args, training_args)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    resume_from = prepare_output_dir(training_args) if training_args.do_train else None
+
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        model_max_length=data_args.max_seq_length,
+        use_fast=model_args.use_fast_tokenizer,
+    )
+    model = load_model(model_args, data_args, compute_dtype(training_args))
+    configure_trainable_parameters(model, model_args)
+    trainable, total = count_parameters(model)
+    log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+
+    train_dataset, eval_dataset = build_datasets(
+        data_args.meta_path,
+        tokenizer,
+        template_name=data_args.conv_style,
+        num_image_token=model.num_image_token,
+        image_size=data_args.force_image_size,
+        dynamic_image_size=data_args.dynamic_image_size,
+        use_thumbnail=data_args.use_thumbnail,
+        min_dynamic_patch=data_args.min_dynamic_patch,
+        max_dynamic_patch=data_args.max_dynamic_patch,
+        min_num_frame=data_args.min_num_frame,
+        max_num_frame=data_args.max_num_frame,
+        pad2square=data_args.pad2square,
+        normalize_type=data_args.normalize_type,
+        max_seq_length=data_args.max_seq_length,
+        seed=training_args.seed,
+    )
+    evaluating = training_args.do_eval or str(training_args.eval_strategy) != "no"
+    if evaluating and eval_dataset is None:
+        raise ValueError(
+            f"Evaluation was requested (--do_eval / --eval_strategy) but {data_args.meta_path} lists no evaluation "
+            "dataset (a name ending in '_val'); add one, or drop --do_eval and set --eval_strategy no."
+        )
+
+    trainer = InternVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if evaluating else None,
+        data_collator=InternVLDataCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[TrainingLogCallback(output_dir)],
+        base_model_path=model_args.model_name_or_path,
+    )
+    if training_args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_record(output_dir, argv, (model_args, data_args, training_args))
+    log(
+        f"Effective batch size: {trainer.effective_batch_size} = {training_args.per_device_train_batch_size} per "
+        f"device x {training_args.gradient_accumulation_steps} gradient accumulation x {training_args.world_size} "
+        "processes"
+    )
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    for name, dataset in (("training", train_dataset), ("evaluation", eval_dataset)):
+        bad = getattr(dataset, "bad_samples", 0)
+        if bad:
+            log(f"{bad} {name} samples could not be used and were replaced (their paths are in the warnings above)")
+    log(f"Outputs are in {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

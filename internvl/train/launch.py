@@ -1,0 +1,218 @@
+"""Turn the launcher's environment variables into a ``torchrun`` command, and run it.
+
+The shell launchers (``scripts/finetune_internvl3_8b_4bit_lora.sh``, the quick start and the SLURM script) are
+thin wrappers around this module, so the batch arithmetic and the defaults are tested here:
+
+    GPUS                   processes per node (default: the visible GPUs, or 2 CPU processes without GPUs)
+    NNODES, NODE_RANK      multi-node layout (default 1 and 0; SLURM_NNODES / SLURM_NODEID under SLURM)
+    MASTER_ADDR, MASTER_PORT  rendezvous of node 0 (default 127.0.0.1:34229)
+    PER_DEVICE_BATCH_SIZE  micro-batch per process (default 4)
+    BATCH_SIZE             samples per optimizer step over all processes (default 32); gradient accumulation
+                           = BATCH_SIZE / (PER_DEVICE_BATCH_SIZE x GPUS x NNODES) and must be a whole number
+    MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, LR, EPOCHS, DEEPSPEED_CONFIG
+
+Arguments after the environment (``"$@"`` of the shell scripts) are appended to the training command, so they
+override the defaults. Without GPUs the run uses DeepSpeed's CPU accelerator (gloo) and ``--use_cpu True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from internvl.data.dataset import EVAL_SUFFIX
+
+FINETUNE_SCRIPT = Path(__file__).with_name("internvl_chat_finetune.py")
+# The training process records the command that started it (``command.txt``) from this variable.
+LAUNCH_COMMAND_ENV = "INTERNVL_LAUNCH_COMMAND"
+
+DEFAULTS = {
+    "PER_DEVICE_BATCH_SIZE": "4",
+    "BATCH_SIZE": "32",
+    "MODEL_PATH": "models/InternVL3-8B",
+    "META_PATH": "internvl3_data/meta.json",
+    "OUTPUT_DIR": "work_dirs/internvl3_8b_4bit_lora",
+    "LORA_RANK": "32",
+    "LR": "2e-5",
+    "EPOCHS": "3",
+    "DEEPSPEED_CONFIG": "zero_stage3_config.json",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "34229",
+    "CPU_PROCESSES": "2",
+}
+
+
+@dataclass
+class LaunchPlan:
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    batch_size: int
+    use_cpu: bool
+    train_args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        return [
+            python, "-m", "torch.distributed.run",
+            "--nnodes", str(self.nnodes),
+            "--node_rank", str(self.node_rank),
+            "--master_addr", self.master_addr,
+            "--nproc_per_node", str(self.nproc_per_node),
+            "--master_port", str(self.master_port),
+            str(FINETUNE_SCRIPT), *self.train_args,
+        ]  # fmt: skip
+
+    def summary(self) -> str:
+        device = "CPU processes" if self.use_cpu else "GPUs"
+        return (
+            f"{self.nnodes} node(s) x {self.nproc_per_node} {device} x per-device batch {self.per_device_batch_size}"
+            f" x gradient accumulation {self.gradient_accumulation_steps} = batch {self.batch_size} per step"
+        )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: str | None = None, minimum: int = 1) -> int:
+    raw = env.get(name) or default or DEFAULTS[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number.") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}.")
+    return value
+
+
+def meta_has_val_split(meta_path: str | Path) -> bool:
+    """Whether meta.json lists an evaluation dataset (a name ending in ``_val``); False if it is unreadable
+    (training then reports the problem with the file itself)."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and any(name.endswith(EVAL_SUFFIX) for name in meta)
+
+
+def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: int) -> LaunchPlan:
+    use_cpu = visible_gpus == 0
+    gpus_default = env.get("SLURM_GPUS_ON_NODE") or str(visible_gpus or DEFAULTS["CPU_PROCESSES"])
+    nproc = _positive_int(env, "GPUS", gpus_default)
+    nnodes = _positive_int(env, "NNODES", env.get("SLURM_NNODES") or "1")
+    node_rank = _positive_int(env, "NODE_RANK", env.get("SLURM_NODEID") or "0", minimum=0)
+    if node_rank >= nnodes:
+        raise ValueError(f"NODE_RANK={node_rank} must be smaller than NNODES={nnodes}.")
+    per_device = _positive_int(env, "PER_DEVICE_BATCH_SIZE")
+    batch_size = _positive_int(env, "BATCH_SIZE")
+    per_step = per_device * nproc * nnodes
+    if batch_size % per_step:
+        raise ValueError(
+            f"BATCH_SIZE={batch_size} is not a multiple of PER_DEVICE_BATCH_SIZE x GPUS x NNODES = "
+            f"{per_device} x {nproc} x {nnodes} = {per_step}; change one of them."
+        )
+    grad_accum = batch_size // per_step
+
+    meta_path = env.get("META_PATH") or DEFAULTS["META_PATH"]
+    train_args = [
+        "--model_name_or_path", env.get("MODEL_PATH") or DEFAULTS["MODEL_PATH"],
+        "--conv_style", "internvl2_5",
+        "--use_fast_tokenizer", "False",
+        "--output_dir", env.get("OUTPUT_DIR") or DEFAULTS["OUTPUT_DIR"],
+        "--meta_path", meta_path,
+        "--force_image_size", "448",
+        "--max_dynamic_patch", "12",
+        "--down_sample_ratio", "0.5",
+        "--drop_path_rate", "0.0",
+        "--freeze_llm", "True",
+        "--freeze_mlp", "True",
+        "--freeze_backbone", "True",
+        "--use_llm_lora", str(_positive_int(env, "LORA_RANK")),
+        "--vision_select_layer", "-1",
+        "--dataloader_num_workers", "4",
+        "--bf16", "True",
+        "--num_train_epochs", env.get("EPOCHS") or DEFAULTS["EPOCHS"],
+        "--per_device_train_batch_size", str(per_device),
+        "--gradient_accumulation_steps", str(grad_accum),
+        "--save_strategy", "steps",
+        "--save_steps", "200",
+        "--save_total_limit", "2",
+        "--learning_rate", env.get("LR") or DEFAULTS["LR"],
+        "--weight_decay", "0.05",
+        "--warmup_ratio", "0.03",
+        "--lr_scheduler_type", "cosine",
+        "--logging_steps", "10",
+        "--max_seq_length", "8192",
+        "--do_train", "True",
+        "--grad_checkpoint", "True",
+        "--group_by_length", "True",
+        "--dynamic_image_size", "True",
+        "--use_thumbnail", "True",
+        "--ps_version", "v2",
+        "--deepspeed", env.get("DEEPSPEED_CONFIG") or DEFAULTS["DEEPSPEED_CONFIG"],
+        "--report_to", "tensorboard",
+    ]  # fmt: skip
+    if meta_has_val_split(meta_path):
+        train_args += ["--do_eval", "True", "--eval_strategy", "steps", "--eval_steps", "100"]
+    launch_env = {}
+    if use_cpu:
+        train_args += ["--use_cpu", "True"]
+        launch_env["DS_ACCELERATOR"] = "cpu"
+    return LaunchPlan(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        nproc_per_node=nproc,
+        master_addr=env.get("MASTER_ADDR") or DEFAULTS["MASTER_ADDR"],
+        master_port=_positive_int(env, "MASTER_PORT"),
+        per_device_batch_size=per_device,
+        gradient_accumulation_steps=grad_accum,
+        batch_size=batch_size,
+        use_cpu=use_cpu,
+        train_args=train_args + list(extra_args),
+        env=launch_env,
+    )
+
+
+def visible_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Launch QLoRA fine-tuning with torchrun from environment variables (see module docstring).",
+        usage="%(prog)s [--dry-run] [TRAINING ARGS...]",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Print the command instead of running it.")
+    args, extra = parser.parse_known_args(argv)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    try:
+        plan = resolve_plan(os.environ, extra, visible_gpu_count())
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    command = plan.command()
+    printable = " ".join([*(f"{k}={v}" for k, v in plan.env.items()), shlex.join(command)])
+    print(plan.summary(), flush=True)
+    print(printable, flush=True)
+    if args.dry_run:
+        return
+    os.execvpe(command[0], command, {**os.environ, **plan.env, LAUNCH_COMMAND_ENV: printable})
+
+
+if __name__ == "__main__":
+    main()

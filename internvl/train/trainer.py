@@ -1,0 +1,57 @@
+"""The HF ``Trainer`` specialised for InternVL LoRA fine-tuning.
+
+Three changes to the stock trainer:
+- length-grouped batches use the dataset's precomputed ``lengths`` (the stock sampler would decode every sample
+  to measure it);
+- ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
+  the ZeRO-3 partitions first, so what is saved is what was trained;
+- logged values include tokens/s, samples/s and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from internvl.train.callbacks import ThroughputMeter
+from internvl.train.checkpoint import gather_trainable_state_dict, save_trained_weights
+
+
+class InternVLTrainer(Trainer):
+    def __init__(self, *args, base_model_path: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model_path = base_model_path
+        self.throughput = ThroughputMeter(samples_per_step=self.effective_batch_size)
+        self.add_callback(self.throughput)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _get_train_sampler(self, train_dataset=None):
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        lengths = getattr(train_dataset, "lengths", None)
+        if lengths is None or len(lengths) != len(train_dataset):
+            raise ValueError(
+                "--group_by_length needs a training dataset with one precomputed length per sample (`lengths`)."
+            )
+        # One group is one optimizer step over all ranks, as in the official recipe.
+        return LengthGroupedSampler(self.effective_batch_size, lengths=[int(n) for n in lengths])
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank joins the ZeRO-3 gather; only the main process writes.
+        output_dir = Path(output_dir or self.args.output_dir)
+        state = gather_trainable_state_dict(self.model)
+        if self.args.should_save:
+            save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.throughput.measure(self.state))
+        super().log(logs, start_time)

@@ -1,0 +1,51 @@
+"""Merge a LoRA training output into a full InternVL checkpoint in the official layout (bf16, sharded safetensors).
+
+    python scripts/merge_lora.py work_dirs/internvl3_8b_lora models/InternVL3-8B-video-merged \
+        [--base-model models/InternVL3-8B]
+
+INPUT is a training output folder (or one of its checkpoint-N) holding a LoRA adapter, or an official-style
+checkpoint with LoRA layers in its weights. The base model defaults to the one the adapter names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from internvl.tools.merge import DEFAULT_MAX_SHARD_SIZE, merge_lora  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=Path, help="training output folder (LoRA adapter) or LoRA checkpoint")
+    parser.add_argument("output", type=Path, help="folder to write the merged model to (created atomically)")
+    parser.add_argument("--base-model", type=Path, help="base InternVL checkpoint (default: the adapter's reference)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the merged weights")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    args = parser.parse_args()
+
+    info = merge_lora(
+        args.input,
+        args.output,
+        base_model=args.base_model,
+        torch_dtype=DTYPES[args.dtype],
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    ranks = ", ".join(f"{part} r={rank}" for part, rank in info["lora_ranks"].items())
+    print(f"merged {info['source']} ({ranks}) into {args.output}")
+    print(f"base model: {info['base_model']}")
+    print(f"merged onto {info['merged_onto']}")
+    print("the result is in the official layout (use_llm_lora 0, use_backbone_lora 0); details in merge_info.json")
+
+
+if __name__ == "__main__":
+    main()

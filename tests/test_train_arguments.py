@@ -1,0 +1,148 @@
+"""Argument parsing: the guide's command, the flags transformers 5 dropped, unsupported official flags, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from internvl.train.arguments import CONFIGS_DIR, parse_args, resolve_deepspeed_config
+
+# The fine-tuning command of the users' guide, argument for argument.
+GUIDE_ARGS = [
+    "--model_name_or_path", "models/InternVL3-8B", "--conv_style", "internvl2_5", "--use_fast_tokenizer", "False",
+    "--output_dir", "work_dirs/internvl3_8b_4bit_lora", "--meta_path", "internvl3_data/meta.json",
+    "--overwrite_output_dir", "True", "--force_image_size", "448", "--max_dynamic_patch", "12",
+    "--down_sample_ratio", "0.5", "--drop_path_rate", "0.0", "--freeze_llm", "True", "--freeze_mlp", "True",
+    "--freeze_backbone", "True", "--use_llm_lora", "32", "--vision_select_layer", "-1",
+    "--dataloader_num_workers", "4", "--bf16", "True", "--num_train_epochs", "3",
+    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--evaluation_strategy", "steps",
+    "--eval_steps", "100", "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "2",
+    "--learning_rate", "2e-5", "--weight_decay", "0.05", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
+    "--logging_steps", "10", "--max_seq_length", "8192", "--do_train", "True", "--do_eval", "True",
+    "--grad_checkpoint", "True", "--group_by_length", "True", "--dynamic_image_size", "True",
+    "--use_thumbnail", "True", "--ps_version", "v2", "--deepspeed", "zero_stage3_config.json",
+    "--report_to", "tensorboard",
+]  # fmt: skip
+
+MINIMAL = ["--model_name_or_path", "m", "--meta_path", "meta.json", "--output_dir", "out"]
+
+
+def test_guide_command_parses_with_the_meaning_of_every_flag(tmp_path):
+    model_args, data_args, training_args = parse_args(GUIDE_ARGS)
+
+    assert (model_args.use_llm_lora, model_args.freeze_llm, model_args.freeze_mlp, model_args.freeze_backbone) == (
+        32, True, True, True
+    )
+    assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
+    assert (data_args.max_seq_length, data_args.max_dynamic_patch, data_args.conv_style) == (8192, 12, "internvl2_5")
+    # The four flags transformers 5 removed keep their meaning.
+    assert str(training_args.eval_strategy.value) == "steps" and training_args.eval_steps == 100
+    assert training_args.warmup_steps == pytest.approx(0.03)
+    assert training_args.get_warmup_steps(1000) == 30
+    assert training_args.train_sampling_strategy == "group_by_length"
+    assert training_args.overwrite_output_dir is True
+    # A bare DeepSpeed config name is the file shipped in configs/.
+    assert Path(training_args.deepspeed) == CONFIGS_DIR / "zero_stage3_config.json"
+    assert training_args.report_to == ["tensorboard"]
+    assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (4, 4)
+
+
+def test_defaults_without_the_older_flags():
+    _, _, training_args = parse_args(MINIMAL)
+    assert training_args.train_sampling_strategy == "random"
+    assert training_args.warmup_steps == 0
+    assert training_args.overwrite_output_dir is False
+    assert training_args.include_num_input_tokens_seen == "non_padding"
+    assert training_args.prediction_loss_only is True
+
+
+def test_group_by_length_false_keeps_random_sampling():
+    _, _, training_args = parse_args(MINIMAL + ["--group_by_length", "False"])
+    assert training_args.train_sampling_strategy == "random"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--evaluation_strategy", "steps", "--eval_strategy", "epoch", "--eval_steps", "5"], "contradicts"),
+        (["--warmup_ratio", "1.5"], r"\[0, 1\)"),
+        (["--warmup_ratio", "0.1", "--warmup_steps", "10"], "either"),
+        (["--group_by_length", "True", "--train_sampling_strategy", "sequential"], "contradicts"),
+    ],
+)
+def test_contradictory_older_flags_are_rejected(extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(MINIMAL + extra)
+
+
+def test_unsupported_official_flags_at_their_default_are_accepted():
+    parse_args(MINIMAL + ["--use_packed_ds", "False", "--loss_reduction", "token", "--max_packed_tokens=8192",
+                          "--unfreeze_lm_head", "False"])  # fmt: skip
+
+
+def test_unsupported_official_flags_set_otherwise_are_rejected_together():
+    with pytest.raises(ValueError) as error:
+        parse_args(MINIMAL + ["--use_packed_ds", "True", "--loss_reduction=square", "--use_liger"])
+    text = str(error.value)
+    assert "--use_packed_ds True" in text and "--loss_reduction square" in text and "--use_liger True" in text
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(ValueError, match="not_a_flag"):
+        parse_args(MINIMAL + ["--not_a_flag", "1"])
+
+
+def test_deepspeed_config_resolution(tmp_path):
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_deepspeed_config(str(own)) == str(own)
+    assert resolve_deepspeed_config("zero_stage2_config.json") == str(CONFIGS_DIR / "zero_stage2_config.json")
+    with pytest.raises(FileNotFoundError, match="zero_stage3_config.json"):
+        resolve_deepspeed_config("zero_stage9_config.json")
+
+
+def test_json_file_with_the_same_keys(tmp_path):
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "meta_path": "meta.json", "output_dir": "out",
+                                  "warmup_ratio": 0.1, "group_by_length": True, "use_packed_ds": False}))
+    model_args, _, training_args = parse_args([str(config)])
+    assert model_args.model_name_or_path == "m"
+    assert training_args.warmup_steps == pytest.approx(0.1)
+    assert training_args.train_sampling_strategy == "group_by_length"
+
+
+@pytest.mark.parametrize("name", ["zero_stage3_config.json", "zero_stage3_no_offload_config.json",
+                                  "zero_stage2_config.json"])
+def test_deepspeed_configs_are_valid_and_leave_batch_values_to_the_trainer(name):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    config = json.loads((CONFIGS_DIR / name).read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == "auto"
+    assert config["optimizer"]["params"]["lr"] == "auto"
+    # deepspeed validates zero_optimization strictly: an unknown or misspelt key raises here.
+    zero = DeepSpeedZeroConfig(**config["zero_optimization"])
+    if name == "zero_stage3_config.json":
+        assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save
+        assert zero.offload_param.device == "cpu" and zero.offload_param.pin_memory
+        assert zero.offload_optimizer.device == "cpu" and zero.offload_optimizer.pin_memory
+
+
+def test_deepspeed_auto_values_are_filled_from_the_command_line():
+    _, _, training_args = parse_args(
+        MINIMAL + ["--deepspeed", "zero_stage3_config.json", "--per_device_train_batch_size", "3",
+                   "--gradient_accumulation_steps", "5", "--learning_rate", "1e-4", "--weight_decay", "0.05",
+                   "--max_grad_norm", "0.5", "--bf16", "True"]
+    )  # fmt: skip
+    config = training_args.hf_deepspeed_config.config
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 3 * 5 * training_args.world_size
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"]["lr"] == 1e-4
+    assert config["optimizer"]["params"]["weight_decay"] == 0.05
+    assert config["bf16"]["enabled"] is True

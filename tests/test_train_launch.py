@@ -1,0 +1,127 @@
+"""The launcher: environment -> torchrun command, batch arithmetic, multi-node and SLURM, CPU fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl.train.arguments import parse_args
+from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of the last occurrence of ``name`` (argparse semantics)."""
+    positions = [i for i, arg in enumerate(args) if arg == name]
+    assert positions, f"{name} missing from {args}"
+    return args[positions[-1] + 1]
+
+
+def test_guide_defaults_on_two_gpus():
+    plan = resolve_plan({}, [], visible_gpus=2)
+    assert (plan.nnodes, plan.nproc_per_node, plan.per_device_batch_size, plan.batch_size) == (1, 2, 4, 32)
+    assert plan.gradient_accumulation_steps == 4
+    args = plan.train_args
+    assert flag(args, "--gradient_accumulation_steps") == "4"
+    assert flag(args, "--use_llm_lora") == "32"
+    assert flag(args, "--learning_rate") == "2e-5"
+    assert flag(args, "--num_train_epochs") == "3"
+    assert flag(args, "--deepspeed") == "zero_stage3_config.json"
+    assert "--use_cpu" not in args and plan.env == {}
+    command = plan.command("python")
+    assert command[:3] == ["python", "-m", "torch.distributed.run"]
+    assert flag(command, "--nproc_per_node") == "2" and flag(command, "--master_port") == "34229"
+    assert str(FINETUNE_SCRIPT) in command
+
+
+def test_environment_overrides_and_derived_gradient_accumulation():
+    env = {"GPUS": "8", "PER_DEVICE_BATCH_SIZE": "2", "BATCH_SIZE": "64", "MODEL_PATH": "m", "META_PATH": "x.json",
+           "OUTPUT_DIR": "o", "LORA_RANK": "16", "LR": "1e-4", "EPOCHS": "1", "MASTER_PORT": "29999",
+           "DEEPSPEED_CONFIG": "zero_stage2_config.json"}
+    plan = resolve_plan(env, [], visible_gpus=8)
+    args = plan.train_args
+    assert plan.gradient_accumulation_steps == 4
+    assert [flag(args, f) for f in ("--model_name_or_path", "--meta_path", "--output_dir", "--use_llm_lora",
+                                    "--learning_rate", "--num_train_epochs", "--deepspeed")] == [
+        "m", "x.json", "o", "16", "1e-4", "1", "zero_stage2_config.json"]
+    assert flag(plan.command(), "--master_port") == "29999"
+
+
+def test_indivisible_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"BATCH_SIZE=30 is not a multiple of .* = 8"):
+        resolve_plan({"BATCH_SIZE": "30"}, [], visible_gpus=2)
+
+
+@pytest.mark.parametrize("env, message", [({"GPUS": "two"}, "GPUS='two'"), ({"PER_DEVICE_BATCH_SIZE": "0"}, ">= 1"),
+                                          ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2")])
+def test_bad_numbers_name_the_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_plan(env, [], visible_gpus=2)
+
+
+def test_multi_node_layout():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5"}
+    plan = resolve_plan(env, [], visible_gpus=2)
+    assert plan.gradient_accumulation_steps == 2  # 32 / (4 x 2 GPUs x 2 nodes)
+    command = plan.command()
+    assert [flag(command, f) for f in ("--nnodes", "--node_rank", "--master_addr")] == ["2", "1", "10.0.0.5"]
+
+
+def test_slurm_environment_is_read():
+    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "3", "SLURM_GPUS_ON_NODE": "8", "BATCH_SIZE": "128"}
+    plan = resolve_plan(env, [], visible_gpus=8)
+    assert (plan.nnodes, plan.node_rank, plan.nproc_per_node, plan.gradient_accumulation_steps) == (4, 3, 8, 1)
+
+
+def test_cpu_fallback_without_gpus():
+    plan = resolve_plan({}, [], visible_gpus=0)
+    assert plan.use_cpu and plan.nproc_per_node == 2
+    assert plan.env == {"DS_ACCELERATOR": "cpu"}
+    assert flag(plan.train_args, "--use_cpu") == "True"
+
+
+def test_evaluation_only_when_meta_has_a_val_split(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+    with_val = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
+    assert flag(with_val, "--do_eval") == "True" and flag(with_val, "--eval_strategy") == "steps"
+    meta.write_text(json.dumps({"clips_train": {}}))
+    assert "--do_eval" not in resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
+
+
+def test_extra_arguments_come_last_and_win_when_parsed():
+    plan = resolve_plan({"LR": "2e-5"}, ["--learning_rate", "1e-3", "--max_steps", "7"], visible_gpus=2)
+    _, _, training_args = parse_args(plan.train_args)
+    assert training_args.learning_rate == pytest.approx(1e-3)
+    assert training_args.max_steps == 7
+    assert training_args.gradient_accumulation_steps == 4
+    assert training_args.train_sampling_strategy == "group_by_length"
+
+
+def run_script(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(REPO / "scripts" / script), *args], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_finetune_script_dry_run_prints_the_torchrun_command():
+    result = run_script("finetune_internvl3_8b_4bit_lora.sh", {"GPUS": "2", "BATCH_SIZE": "16"}, "--dry-run",
+                        "--max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "gradient accumulation 2 = batch 16" in result.stdout
+    command = result.stdout.strip().splitlines()[-1]
+    assert "torch.distributed.run" in command and "--gradient_accumulation_steps 2" in command
+    assert command.endswith("--max_steps 3")
+
+
+def test_finetune_script_reports_an_indivisible_batch():
+    result = run_script("finetune_internvl3_8b_4bit_lora.sh", {"GPUS": "2", "BATCH_SIZE": "12",
+                                                               "PER_DEVICE_BATCH_SIZE": "4"}, "--dry-run")
+    assert result.returncode != 0
+    assert "BATCH_SIZE=12 is not a multiple" in result.stderr
