@@ -1,6 +1,6 @@
 """Write small synthetic demo videos (moving coloured shapes, real MP4 files) with an annotations.csv of summaries.
 
-    python scripts/make_demo_data.py --output-dir internvl3_data/raw [--num-videos 16] [--seed 0]
+python scripts/make_demo_data.py --output-dir internvl3_data/raw [--num-videos 16] [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--num-videos", type=int, default=16, help="number of clips (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=24, help="frames per clip (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=96, help="frame width and height in pixels, even (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, default=96, help="frame width and height in pixels, even (default: %(default)s)"
+    )
     parser.add_argument("--fps", type=int, default=12, help="frame rate (default: %(default)s)")
     args = parser.parse_args()
     output_dir = make_demo_videos(

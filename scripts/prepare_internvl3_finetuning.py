@@ -39,24 +39,43 @@ To try the pipeline on synthetic clips first:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, help=f"annotation file or folder (default: {DEFAULT_INPUT}/)")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where to write (default: %(default)s)")
-    parser.add_argument("--video-root", type=Path, help="folder that relative video paths start from "
-                        "(default: the annotation file's folder)")  # fmt: skip
+    parser.add_argument(
+        "--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--video-root",
+        type=Path,
+        help="folder that relative video paths start from (default: the annotation file's folder)",
+    )
     parser.add_argument("--video-key", help="annotation field holding the video path (default: video, or an alias)")
     parser.add_argument("--summary-key", help="annotation field holding the summary (default: summary, or an alias)")
-    parser.add_argument("--val-ratio", type=float, default=0.1, help="share of videos for evaluation (default: %(default)s)")
+    parser.add_argument(
+        "--val-ratio", type=float, default=0.1, help="share of videos for evaluation (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: %(default)s)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction after <video> (default: %(default)r)")
     parser.add_argument("--system-prompt", help="system message written as the first turn (default: the template's)")
     parser.add_argument("--strict", action="store_true", help="fail on any bad record instead of skipping it")
-    parser.add_argument("--extract-frames", action="store_true",
-                        help="decode each video once and store frames as an image folder, read instead of the video")
-    parser.add_argument("--num-frames", type=int, default=32, help="frames per video with --extract-frames "
-                        "(default: %(default)s, the training max_num_frame)")  # fmt: skip
-    parser.add_argument("--absolute-root", action="store_true",
-                        help="write absolute paths in meta.json (for trainers that resolve them from their own "
-                        "working directory) instead of paths relative to the output folder")  # fmt: skip
-    parser.add_argument("--video-backend", choices=VIDEO_BACKENDS, default="pyav", help="decoder (default: %(default)s)")
+    parser.add_argument(
+        "--extract-frames",
+        action="store_true",
+        help="decode each video once and store frames as an image folder, read instead of the video",
+    )
+    parser.add_argument(
+        "--num-frames",
+        type=int,
+        default=32,
+        help="frames per video with --extract-frames (default: %(default)s, the training max_num_frame)",
+    )
+    parser.add_argument(
+        "--absolute-root",
+        action="store_true",
+        help="write absolute paths in meta.json (for trainers that resolve them from their own "
+        "working directory) instead of paths relative to the output folder",
+    )
+    parser.add_argument(
+        "--video-backend", choices=VIDEO_BACKENDS, default="pyav", help="decoder (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

@@ -32,3 +32,45 @@ def demo_videos_dir(tmp_path_factory):
     from internvl.data.demo import make_demo_videos
 
     return make_demo_videos(tmp_path_factory.mktemp("demo-videos"), num_videos=6, seed=0)
+
+
+TINY_LORA_RANK = 8
+
+
+def _tiny_lora_model(model_dir):
+    """The tiny model as LoRA training leaves it: vision tower and projector frozen, the LLM wrapped with LoRA whose
+    B matrices are random (peft initialises them to zero, and a zero adapter would change nothing)."""
+    import torch
+
+    from internvl.model.loading import load_internvl_model
+
+    model = load_internvl_model(model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    for param in [*model.vision_model.parameters(), *model.mlp1.parameters()]:
+        param.requires_grad_(False)
+    model.wrap_llm_lora(r=TINY_LORA_RANK)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_lora_model(tiny_model_dir):
+    """A fresh LoRA-wrapped tiny model with a non-zero adapter (see ``_tiny_lora_model``)."""
+    return _tiny_lora_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_output(tiny_model_dir, tmp_path_factory):
+    """A training output folder of the tiny model, written by the trainer's own saving code: the LLM LoRA adapter
+    (peft format, naming the tiny model as its base), config.json and the tokenizer."""
+    from internvl.model.loading import load_tokenizer
+    from internvl.train.checkpoint import gather_trainable_state_dict, save_trained_weights
+
+    output_dir = tmp_path_factory.mktemp("tiny-lora-output")
+    model = _tiny_lora_model(tiny_model_dir)
+    save_trained_weights(model, gather_trainable_state_dict(model), output_dir, base_model_path=str(tiny_model_dir))
+    load_tokenizer(tiny_model_dir).save_pretrained(output_dir)
+    return output_dir

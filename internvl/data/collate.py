@@ -6,8 +6,8 @@ collator) masks real tokens whose id happens to be 0 (``!`` in Qwen2) and unmask
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

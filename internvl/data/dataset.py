@@ -257,7 +257,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             texts = ["\n".join(str(turn.get("value", "")) for turn in r["conversations"]) for r in self.records]
             text_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
             self._lengths = [
-                int(record["length"]) if "length" in record else min(self.max_seq_length, n + self._image_estimate(record))
+                int(record["length"])
+                if "length" in record
+                else min(self.max_seq_length, n + self._image_estimate(record))
                 for record, n in zip(self.records, text_lengths)
             ]
         return self._lengths

@@ -29,12 +29,13 @@ from internvl.constants import VIDEO_PLACEHOLDER
 from internvl.data.files import atomic_directory, atomic_write_text
 from internvl.data.video import (
     VIDEO_SUFFIXES,
+    NotAVideoError,
     VideoDecodeError,
     VideoInfo,
     get_frame_indices,
     is_frame_folder,
     probe_video,
-    read_video_frames,
+    read_frames_at,
 )
 
 DEFAULT_INPUT = Path("internvl3_data/raw")
@@ -47,10 +48,8 @@ REJECTS_FILE = "rejected_records.jsonl"
 FRAMES_DIR = "frames"
 ANNOTATION_FILE_NAMES = ("annotations.csv", "annotations.jsonl", "annotations.json")
 ANNOTATION_SUFFIXES = (".csv", ".json", ".jsonl")
-VIDEO_KEY_ALIASES = ("video", "video_path", "videopath", "video_file", "video_name", "path", "file", "filename",
-                     "file_name", "clip", "media")  # fmt: skip
-SUMMARY_KEY_ALIASES = ("summary", "caption", "text", "description", "answer", "reference", "response", "target",
-                       "label", "output")  # fmt: skip
+VIDEO_KEY_ALIASES = tuple("video video_path videopath video_file video_name path file filename file_name clip media".split())
+SUMMARY_KEY_ALIASES = tuple("summary caption text description answer reference response target label output".split())
 
 # Rejection reasons, as written to the rejects file.
 MISSING_VIDEO_PATH = "missing_video_path"
@@ -58,6 +57,7 @@ EMPTY_SUMMARY = "empty_summary"
 MISSING_SUMMARY_FILE = "missing_summary_file"
 PATH_ESCAPES_ROOT = "path_escapes_root"
 VIDEO_NOT_FOUND = "video_not_found"
+NOT_A_VIDEO = "not_a_video"
 UNDECODABLE_VIDEO = "undecodable_video"
 DUPLICATE = "duplicate"
 
@@ -140,8 +140,8 @@ class PrepareReport:
         if self.short_videos:
             video, decoded, announced = max(self.short_videos, key=lambda item: item[2] - item[1])
             lines.append(
-                f"{len(self.short_videos)} videos decode fewer frames than their container announces (largest gap: "
-                f"{video}, {decoded} of {announced}); the decoded counts are recorded and used"
+                f"videos that decode fewer frames than their container announces: {len(self.short_videos)} (largest "
+                f"gap: {video}, {decoded} of {announced}); the decoded counts are recorded and used"
             )
         lines.append(f"wrote {self.output_dir / META_FILE}")
         return lines
@@ -321,7 +321,7 @@ class _Validator:
                 self.probes[real_path] = error
         probe = self.probes[real_path]
         if isinstance(probe, VideoDecodeError):
-            return reject(UNDECODABLE_VIDEO, str(probe))
+            return reject(NOT_A_VIDEO if isinstance(probe, NotAVideoError) else UNDECODABLE_VIDEO, str(probe))
         return ValidRecord(record.source, relative, real_path, summary, probe)
 
 
@@ -340,7 +340,9 @@ def validate_records(
 # --- split and output ---------------------------------------------------------------------------------------------
 
 
-def split_by_video(records: list[ValidRecord], val_ratio: float, seed: int) -> tuple[list[ValidRecord], list[ValidRecord]]:
+def split_by_video(
+    records: list[ValidRecord], val_ratio: float, seed: int
+) -> tuple[list[ValidRecord], list[ValidRecord]]:
     """Deterministic split for ``seed``; all records of one video land in the same split.
 
     Videos are ordered by path before shuffling, so the split depends on the content, not on the input order.
@@ -373,12 +375,8 @@ def extract_frames(record: ValidRecord, video_root: Path, output_dir: Path, num_
     """Decode ``num_frames`` frames (segment middles) into ``frames/<video>/<name>_<frame index>.jpg``; returns the
     folder relative to ``output_dir``, ending in ``/`` (the official frame-folder convention)."""
     folder = Path(FRAMES_DIR) / _frames_folder_name(record.video)
-    count = min(num_frames, record.info.num_frames)
-    indices = get_frame_indices(count, record.info.num_frames, "middle")
-    frames = read_video_frames(
-        os.path.join(video_root, record.video), count, "middle", backend=backend,
-        num_decoded_frames=record.info.num_frames, fps=record.info.fps,
-    )  # fmt: skip
+    indices = get_frame_indices(min(num_frames, record.info.num_frames), record.info.num_frames, "middle")
+    frames = read_frames_at(os.path.join(video_root, record.video), indices, backend=backend)
     with atomic_directory(output_dir / folder) as tmp_dir:
         for index, frame in zip(indices, frames):
             frame.save(tmp_dir / f"{folder.name}_{index:06d}.jpg", quality=95)

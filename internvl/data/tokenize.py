@@ -12,7 +12,7 @@ same as tokenizing the expanded string, without building strings of thousands of
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -100,9 +100,7 @@ def preprocess_conversation(
             trained_end = len(segment) - untrained_tail
             input_ids += segment
             labels += (
-                [IGNORE_INDEX] * header_length
-                + segment[header_length:trained_end]
-                + [IGNORE_INDEX] * untrained_tail
+                [IGNORE_INDEX] * header_length + segment[header_length:trained_end] + [IGNORE_INDEX] * untrained_tail
             )
         else:
             raise ValueError(f"unknown role {role!r}: turns must come 'from' 'human' or 'gpt' (or 'system' first)")

@@ -10,25 +10,23 @@ Three kinds of video source, dispatched on the path as in the official data form
 Containers often announce more frames than they hold (a header saying 444 frames over 68 decodable ones is
 common in real collections), so counts here are what actually decodes: ``probe_video`` decodes the whole file,
 and readers use the decoded count recorded by ``prepare`` (``num_decoded_frames``) when they are given one.
-A decoding error part-way through a file ends the video at the last good frame, as a player would.
+Damaged packets are skipped as FFmpeg's own tools do, so a file with a bad stretch keeps the frames around it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageSequence
 
 VIDEO_BACKENDS = ("pyav", "decord", "opencv")
 FRAME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-VIDEO_SUFFIXES = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv", ".gif",
-)  # fmt: skip
+VIDEO_SUFFIXES = tuple(".mp4 .m4v .mov .mkv .webm .avi .wmv .flv .mpg .mpeg .ts .3gp .ogv .gif".split())
 _FRAME_NUMBER = re.compile(r"_(\d+)$")
 # FFmpeg demuxers that read still images: such a file "decodes" to one frame but is not a video.
 _STILL_IMAGE_FORMATS = re.compile(r"^(image2|.*_pipe)$")
@@ -36,6 +34,10 @@ _STILL_IMAGE_FORMATS = re.compile(r"^(image2|.*_pipe)$")
 
 class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or yields no frame. The message names the file."""
+
+
+class NotAVideoError(VideoDecodeError):
+    """A file that is not a video at all: a still image, audio only, or an unknown extension FFmpeg cannot open."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,14 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
 FrameIterator = Iterator[Callable[[], Image.Image]]
 
 
+class _DecodeErrorMidway(Exception):
+    """Raised by a frame source whose decoding failed after it started: the caller decides if frames came first."""
+
+    def __init__(self, path, error: Exception):
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
 def _frame_folder_files(path: str | os.PathLike) -> list[Path]:
     folder = Path(path)
     if not folder.is_dir():
@@ -152,27 +162,21 @@ def _gif_fps(path) -> float | None:
     return 1000.0 / mean_ms if mean_ms > 0 else None
 
 
-class _DecodeErrorMidway(Exception):
-    """Raised by a frame source whose decoding failed after it started: the caller decides if frames came first."""
-
-    def __init__(self, path, error: Exception):
-        super().__init__(f"{path}: {error}")
-        self.path, self.error = path, error
-
-
 def _open_pyav(path):
     import av
 
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as error:
+        if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
+            raise NotAVideoError(f"{path}: not a video (unknown extension, and FFmpeg cannot open it)") from error
         raise VideoDecodeError(f"{path}: cannot open as a video ({error})") from error
     if _STILL_IMAGE_FORMATS.match(container.format.name):
         container.close()
-        raise VideoDecodeError(f"{path}: is a still image ({container.format.name}), not a video")
+        raise NotAVideoError(f"{path}: a still image ({container.format.name}), not a video")
     if not container.streams.video:
         container.close()
-        raise VideoDecodeError(f"{path}: has no video stream")
+        raise NotAVideoError(f"{path}: has no video stream")
     return container
 
 
@@ -189,11 +193,21 @@ def _iter_pyav(path) -> FrameIterator:
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        first_error = None
         try:
-            for frame in container.decode(stream):
-                yield lambda frame=frame: frame.to_image()
-        except av.error.FFmpegError as error:
+            for packet in container.demux(stream):
+                # Like FFmpeg's own tools, skip a damaged packet and go on: the frames after it still count.
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as error:
+                    first_error = first_error or error
+                    continue
+                for frame in frames:
+                    yield lambda frame=frame: frame.to_image()
+        except av.error.FFmpegError as error:  # the container itself is damaged from here on
             raise _DecodeErrorMidway(path, error) from error
+        if first_error is not None:
+            raise _DecodeErrorMidway(path, first_error)
 
 
 def _open_opencv(path):
@@ -211,6 +225,7 @@ def _iter_opencv(path) -> FrameIterator:
     capture = _open_opencv(path)
     try:
         while capture.grab():
+
             def retrieve(capture=capture):
                 ok, bgr = capture.retrieve()
                 if not ok:
@@ -238,9 +253,11 @@ def _iter_frames(path, backend: str) -> FrameIterator:
 
 def _iter_decord(path) -> FrameIterator:
     reader = _open_decord(path)
-    for index in range(len(reader)):
+    while True:
         try:
-            array = reader[index].asnumpy()
+            array = reader.next().asnumpy()
+        except StopIteration:
+            return
         except Exception as error:  # decord raises its own DECORDError for damaged frames
             raise _DecodeErrorMidway(path, error) from error
         yield lambda array=array: Image.fromarray(array)
@@ -269,7 +286,7 @@ def _check_backend(backend: str) -> None:
 def _decode(path, backend: str, keep: set[int] | None, stop_after: int | None) -> tuple[int, dict[int, Image.Image]]:
     """Decode frames in order. Returns (frames decoded, {index: image} for indices in ``keep``).
 
-    Stops after frame ``stop_after``; a decoding error part-way ends the video there.
+    Stops after frame ``stop_after``. An error after some frames ends the video there; before any, it is fatal.
     """
     count, kept = 0, {}
     frames = _iter_frames(path, backend)
@@ -340,7 +357,6 @@ def read_video_frames(
     ``num_decoded_frames`` and ``fps`` are the values recorded by ``prepare``; without them the video is probed
     first (one extra decoding pass). ``clip`` = ``(start_s, end_s)`` samples inside that time range only.
     """
-    _check_backend(backend)
     if num_decoded_frames is None or (fps is None and (clip or sample.startswith("fps"))):
         info = probe_video(path, backend)
         num_decoded_frames, fps = info.num_frames, info.fps
@@ -354,7 +370,12 @@ def read_video_frames(
     if sample.startswith("fps") and not fps:
         raise VideoDecodeError(f"{path}: '{sample}' sampling needs the frame rate, which this source does not have")
     indices = [first + i for i in get_frame_indices(num_frames, vlen, sample, fix_start, fps or 1, num_frames, rng)]
+    return read_frames_at(path, indices, backend=backend)
 
+
+def read_frames_at(path: str | os.PathLike, indices: list[int], *, backend: str = "pyav") -> list[Image.Image]:
+    """The RGB frames at ``indices`` (0-based, in decoding order; repeats allowed)."""
+    _check_backend(backend)
     if backend == "decord" and not is_frame_folder(path) and not str(path).lower().endswith(".gif"):
         # decord reads by index directly instead of decoding up to the last wanted frame.
         reader = _open_decord(path)

@@ -26,6 +26,7 @@ from internvl.constants import (
     VIDEO_PLACEHOLDER,
 )
 from internvl.conversation import get_conv_template
+from internvl.data.dataset import video_frame_prompt
 from internvl.model.configuration import InternVLChatConfig
 from internvl.model.vision import InternVisionModel
 
@@ -66,11 +67,6 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float = 0.5, version: st
     else:
         raise ValueError(f"ps_version must be 'v1' or 'v2', got {version!r}")
     return blocks.reshape(blocks.shape[0], blocks.shape[1], blocks.shape[2], block * block * channels)
-
-
-def frame_prompt(num_frames: int) -> str:
-    """The per-frame image lines a video expands to: ``Frame-1: <image>\\n...Frame-T: <image>\\n``."""
-    return "".join(f"Frame-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_frames + 1))
 
 
 @dataclass
@@ -150,17 +146,28 @@ class InternVLChatModel(PreTrainedModel):
 
     def enable_input_require_grads(self) -> None:
         """Make the LLM's embedding output require grad, so LoRA layers inside checkpointed blocks get gradients
-        while the embeddings stay frozen (the vision tower is not hooked: it runs without grad when frozen)."""
-        self.base_language_model.enable_input_require_grads()
+        while the embeddings stay frozen (the vision tower is not hooked: it runs without grad when frozen).
+        Idempotent: a single hook stays registered however often it is called."""
+        llm = self.base_language_model
+        llm.disable_input_require_grads()
+        llm.enable_input_require_grads()
 
     def disable_input_require_grads(self) -> None:
         self.base_language_model.disable_input_require_grads()
+
+    @property
+    def vision_encoder(self) -> nn.Module:
+        """The InternViT encoder, under any PEFT wrapper."""
+        vision_model = self.vision_model
+        if isinstance(vision_model, PeftModel):
+            vision_model = vision_model.get_base_model()
+        return vision_model.encoder
 
     # ----------------------------------------------------------------------------------------------------------
     # Initialisation, LoRA, checkpointing
 
     def wrap_backbone_lora(self, r: int = 32, lora_alpha: int | None = None, lora_dropout: float = 0.05) -> None:
-        """LoRA on the vision tower's qkv / proj / fc1 / fc2 (the official backbone targets)."""
+        """LoRA on the vision tower's qkv / proj / fc1 / fc2 (the official backbone targets); alpha defaults to 2r."""
         lora_config = LoraConfig(
             r=r,
             lora_alpha=2 * r if lora_alpha is None else lora_alpha,
@@ -172,7 +179,8 @@ class InternVLChatModel(PreTrainedModel):
         self.vision_model.print_trainable_parameters()
 
     def wrap_llm_lora(self, r: int = 32, lora_alpha: int | None = None, lora_dropout: float = 0.05) -> None:
-        """LoRA on the LLM's attention and MLP projections (the official targets for its architecture).
+        """LoRA on the LLM's attention and MLP projections (the official targets for its architecture); alpha
+        defaults to 2r, as the official recipe always passes.
 
         Only the LLM is wrapped, so vision modules can never match; PEFT freezes every other LLM parameter
         (embeddings and ``lm_head`` included). The embedding output is then made to require grad, which gradient
@@ -193,30 +201,28 @@ class InternVLChatModel(PreTrainedModel):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the LLM decoder layers (reentrant by default: the variant that works with PEFT + ZeRO-3) and
-        the vision blocks (only used while the vision tower trains)."""
+        the vision blocks (only used while the vision tower trains). transformers' ``activation_checkpointing_enable``
+        on this model lands here too."""
         if gradient_checkpointing_kwargs is None:
             gradient_checkpointing_kwargs = {"use_reentrant": True}
         llm = self.base_language_model
+        # Newer transformers hook the embeddings again inside; drop ours first so no stale hook is left behind.
+        llm.disable_input_require_grads()
         enable = getattr(llm, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers >= 5.23 name
+        if enable is not None:  # the transformers >= 5.23 name
             enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         else:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        encoder = self.vision_model.get_base_model().encoder if isinstance(self.vision_model, PeftModel) else (
-            self.vision_model.encoder
-        )
-        encoder.gradient_checkpointing = True
-        encoder.checkpoint_kwargs = dict(gradient_checkpointing_kwargs)
-        if self.get_input_embeddings().weight.requires_grad is False:
-            self.enable_input_require_grads()
+        self.vision_encoder.gradient_checkpointing = True
+        self.vision_encoder.checkpoint_kwargs = dict(gradient_checkpointing_kwargs)
+        # Reentrant checkpointing drops the gradients of a block whose input does not require grad.
+        self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         llm = self.base_language_model
         disable = getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
         disable()
-        for module in self.vision_model.modules():
-            if hasattr(module, "checkpoint_kwargs"):
-                module.gradient_checkpointing = False
+        self.vision_encoder.gradient_checkpointing = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Vision features
@@ -389,7 +395,7 @@ class InternVLChatModel(PreTrainedModel):
         """Expand ``<video>`` to one ``Frame-i: <image>`` line per frame, or prepend ``<image>`` when missing."""
         if VIDEO_PLACEHOLDER in question:
             return question.replace(VIDEO_PLACEHOLDER + "\n", VIDEO_PLACEHOLDER).replace(
-                VIDEO_PLACEHOLDER, frame_prompt(len(num_patches_list)), 1
+                VIDEO_PLACEHOLDER, video_frame_prompt(len(num_patches_list)), 1
             )
         if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
             return IMAGE_PLACEHOLDER + "\n" + question
@@ -449,16 +455,22 @@ class InternVLChatModel(PreTrainedModel):
         generation_config: dict | None = None,
         num_patches_list: list[int] | None = None,
     ) -> list[str]:
-        """One answer per question; ``num_patches_list[i]`` tiles of ``pixel_values`` belong to question ``i``."""
+        """One answer per question; ``num_patches_list[i]`` tiles of ``pixel_values`` belong to question ``i``.
+
+        A question with a ``<video>`` placeholder takes its tiles as frames (one tile each, ``Frame-i`` lines).
+        """
         if num_patches_list is None:
             num_patches_list = [1] * len(questions) if pixel_values is not None else [0] * len(questions)
         if len(num_patches_list) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(num_patches_list)} entries in num_patches_list")
         queries = []
         stop_token = None
-        for question, num_patches in zip(questions, num_patches_list):
+        for question, num_patches in zip(questions, num_patches_list, strict=True):
             patches = [num_patches] if num_patches else []
-            if num_patches and IMAGE_PLACEHOLDER not in question:
+            if VIDEO_PLACEHOLDER in question:  # a video: its tiles are frames, one tile each
+                patches = [1] * num_patches
+                question = self._prepare_question(question, None, patches)
+            elif num_patches and IMAGE_PLACEHOLDER not in question:
                 question = IMAGE_PLACEHOLDER + "\n" + question
             query, stop_token = self._build_query(tokenizer, question, None, patches)
             queries.append(query)

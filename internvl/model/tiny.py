@@ -16,6 +16,9 @@ import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
 
+# The Qwen2 split rule, so the tiny tokenizer segments text the way the real one does.
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
 from internvl.constants import CHATML_SPECIAL_TOKENS, INTERNVL_SPECIAL_TOKENS
 from internvl.model.configuration import InternVLChatConfig
 from internvl.model.internvl_chat import InternVLChatModel
@@ -23,11 +26,6 @@ from internvl.model.internvl_chat import InternVLChatModel
 # Total tokenizer size, special tokens included; a multiple of 64 keeps the embedding shapes friendly.
 TINY_VOCAB_SIZE = 1920
 TINY_MODEL_MAX_LENGTH = 12288
-
-# Same split rule as the Qwen2 tokenizer, so the tiny tokenizer segments text the way the real one does.
-_QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 TINY_CORPUS = """\
 The video opens on a quiet street in the early morning. A man in a blue jacket walks a small brown dog past a row of
@@ -123,7 +121,7 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -157,7 +155,6 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
             "for the requested vocabulary"
         )
     return tokenizer
-
 
 
 def tiny_config(vocab_size: int = TINY_VOCAB_SIZE) -> InternVLChatConfig:

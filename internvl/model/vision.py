@@ -148,7 +148,9 @@ class InternVisionEncoder(nn.Module):
     def __init__(self, config: InternVisionConfig):
         super().__init__()
         # Stochastic depth grows linearly from 0 to ``drop_path_rate`` over the layers.
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
+        rates = torch.linspace(
+            0, config.drop_path_rate, config.num_hidden_layers, dtype=torch.float64, device="cpu"
+        ).tolist()
         self.layers = nn.ModuleList([InternVisionEncoderLayer(config, rate) for rate in rates])
         self.gradient_checkpointing = False
         self.checkpoint_kwargs: dict = {}

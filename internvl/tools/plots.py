@@ -7,7 +7,6 @@ atomically.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,9 +138,9 @@ def build_metric_bars_figure(scores_by_model: dict[str, dict[str, float]], metri
     panels = figure.subplots(1, columns, squeeze=False)[0]
     colours = [f"C{i}" for i in range(len(models))]
     for axes, metric in zip(panels, metric_names):
-        values = [scores_by_model[model].get(metric, math.nan) for model in models]
-        bars = axes.bar(range(len(models)), values, color=colours)
-        axes.bar_label(bars, labels=[f"{v:.1f}" if not math.isnan(v) else "n/a" for v in values], fontsize=8)
+        values = [scores_by_model[model].get(metric) for model in models]
+        bars = axes.bar(range(len(models)), [v or 0.0 for v in values], color=colours)
+        axes.bar_label(bars, labels=[f"{v:.1f}" if v is not None else "n/a" for v in values], fontsize=8)
         axes.set_title(metric)
         axes.set_xticks([])
         axes.margins(y=0.15)

@@ -7,7 +7,8 @@ The output folder (and every ``checkpoint-N``) holds the trained weights only:
 - ``vision_adapter/``: the same for the vision tower, with ``--use_backbone_lora``;
 - ``non_lora_trainables.safetensors``: any other trained tensors (the projector with ``--freeze_mlp False``,
   vision layers with ``--unfreeze_vit_layers``), under their parameter names in the training model;
-- ``config.json`` (``InternVLChatConfig`` with ``use_llm_lora`` / ``use_backbone_lora`` set) and the tokenizer.
+- ``config.json`` (``InternVLChatConfig`` with ``use_llm_lora`` / ``use_backbone_lora`` set, without the 4-bit
+  ``quantization_config``: the adapters apply to the original checkpoint) and the tokenizer.
 
 Under ZeRO-3 parameters are partitioned across ranks; saving them without gathering writes empty or stale
 tensors (the all-zero ``lora_B`` of official issue #905), so every rank first joins a gather of the trainable
@@ -16,6 +17,7 @@ parameters.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,7 +28,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from internvl.data.files import atomic_path
+from internvl.data.files import atomic_path, atomic_write_text
 
 # The sub-modules that ``wrap_llm_lora`` / ``wrap_backbone_lora`` turn into peft models, and where their adapters go.
 ADAPTER_FOLDERS = {"language_model": ".", "vision_model": "vision_adapter"}
@@ -74,8 +76,11 @@ def save_trained_weights(
     if remaining:
         with atomic_path(output_dir / NON_LORA_WEIGHTS_NAME) as tmp_path:
             save_file({k: v.contiguous() for k, v in remaining.items()}, str(tmp_path))
-    config = model.config
-    config.save_pretrained(output_dir)
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    # The adapters apply to the original (unquantized) checkpoint; how the base was loaded for training is
+    # recorded in run_args.json, not here, so the config stays an official one.
+    config.pop("quantization_config", None)
+    atomic_write_text(output_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Tensor], target: Path) -> None:

@@ -148,6 +148,28 @@ def configure_trainable_parameters(model, model_args: ModelArguments) -> None:
     model.base_language_model.config.use_cache = False
 
 
+def _drop_quant_state_entries(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+        del state_dict[key]
+
+
+def prepare_4bit_layers_for_checkpoints(model) -> None:
+    """Let DeepSpeed checkpoints of a 4-bit model save and load.
+
+    - On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into a CPU-only layout the first
+      time it runs in inference mode (evaluation); under ZeRO-3 that breaks the partitioned parameter and the
+      checkpoint writer, so the standard layout is kept.
+    - A 4-bit layer's state dict carries its quantization constants as extra ``weight.*`` entries, which a strict
+      load (DeepSpeed resume) rejects as unexpected. The weights are frozen and their quantization state never
+      leaves the module, so those entries are dropped on load.
+    """
+    for module in model.modules():
+        if type(getattr(module, "weight", None)).__name__ != "Params4bit":
+            continue
+        module.support_avx512bf16_for_cpu = False
+        module.register_load_state_dict_pre_hook(_drop_quant_state_entries)
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a packed 4-bit tensor element holds several weights."""
     trainable = total = 0
@@ -169,6 +191,15 @@ def count_over_ranks(count: int) -> int:
     total = torch.tensor(count, dtype=torch.long, device=device)
     torch.distributed.all_reduce(total)
     return int(total.item())
+
+
+def eval_metrics_of_last_step(trainer) -> dict | None:
+    """The metrics of the periodic evaluation if it already ran on the final weights (no need to run it again)."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if step and entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
+    return None
 
 
 def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
@@ -204,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = load_model(model_args, data_args, compute_dtype(training_args))
     configure_trainable_parameters(model, model_args)
+    prepare_4bit_layers_for_checkpoints(model)
     trainable, total = count_parameters(model)
     log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
 
@@ -253,17 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
+        metrics = {**result.metrics, "train_bad_samples": count_over_ranks(train_dataset.bad_samples)}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
-        metrics = trainer.evaluate()
+        metrics = eval_metrics_of_last_step(trainer) or trainer.evaluate()
+        metrics["eval_bad_samples"] = count_over_ranks(eval_dataset.bad_samples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    for name, dataset in (("training", train_dataset), ("evaluation", eval_dataset)):
-        bad = getattr(dataset, "bad_samples", 0)
-        if bad:
-            log(f"{bad} {name} samples could not be used and were replaced (their paths are in the warnings above)")
     log(f"Outputs are in {output_dir}")
 
 

@@ -10,6 +10,7 @@ Three changes to the stock trainer:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer
@@ -19,9 +20,24 @@ from internvl.train.callbacks import ThroughputMeter
 from internvl.train.checkpoint import gather_trainable_state_dict, save_trained_weights
 
 
+@contextmanager
+def _adapters_visible_to_quantization_check(model):
+    """The stock trainer refuses a 4-bit model unless the model itself carries peft adapters; here they sit on
+    sub-modules (``language_model``, ``vision_model``), which its check cannot see. Flag them for the check only:
+    the flag also changes ``save_pretrained``, so it does not stay set."""
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ValueError("The model has no trainable parameters: nothing to fine-tune.")
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del model._hf_peft_config_loaded
+
+
 class InternVLTrainer(Trainer):
-    def __init__(self, *args, base_model_path: str, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, model, base_model_path: str, **kwargs):
+        with _adapters_visible_to_quantization_check(model):
+            super().__init__(*args, model=model, **kwargs)
         self.base_model_path = base_model_path
         self.throughput = ThroughputMeter(samples_per_step=self.effective_batch_size)
         self.add_callback(self.throughput)

@@ -1,0 +1,220 @@
+"""meta.json -> samples and batches for the tiny tokenizer: every official record type, the frame budget and the
+bad-sample policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
+from internvl.data import InternVLDataCollator, build_datasets
+from internvl.data.dataset import DatasetHealthError
+from internvl.data.prepare import prepare_dataset
+
+SMALL_VIDEO = dict(min_num_frame=2, max_num_frame=4)
+
+
+def _context_count(tokenizer, sample) -> int:
+    return int((sample["input_ids"] == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)).sum())
+
+
+def _write_meta(folder, entries: dict[str, list[dict]], **settings) -> str:
+    """One JSONL per entry, all with root = folder."""
+    meta = {}
+    for name, records in entries.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        meta[name] = {
+            "root": ".",
+            "annotation": f"{name}.jsonl",
+            "data_augment": False,
+            "repeat_time": 1,
+            "length": len(records),
+            **settings.get(name, {}),
+        }
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return str(folder / "meta.json")
+
+
+def _turns(question: str, answer: str = "An answer.") -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture(scope="module")
+def prepared_demo(demo_videos_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("prepared")
+    prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, val_ratio=0.34, progress=False)
+    return output_dir
+
+
+def test_video_samples_and_batch(prepared_demo, tiny_tokenizer):
+    train, evaluation = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
+    assert (len(train), len(evaluation)) == (4, 2)
+    records = [json.loads(line) for line in (prepared_demo / "video_summary_dataset_train.jsonl").open()]
+    samples = [train[i] for i in range(len(train))]
+    for record, sample in zip(records, samples):
+        frames = sample["pixel_values"].shape[0]
+        assert 2 <= frames <= 4
+        assert sample["pixel_values"].shape == (frames, 3, 448, 448)
+        assert sample["image_flags"].tolist() == [1] * frames
+        assert _context_count(tiny_tokenizer, sample) == 256 * frames
+        text = tiny_tokenizer.decode(sample["input_ids"])
+        frame_lines = "".join(f"Frame-{i}: <img>" for i in range(1, frames + 1))
+        assert frame_lines in text.replace(IMG_CONTEXT_TOKEN, "").replace("</img>\n", "")
+        assert "<video>" not in text
+        labels = sample["labels"]
+        assert (
+            tiny_tokenizer.decode(labels[labels != IGNORE_INDEX]) == record["conversations"][1]["value"] + "<|im_end|>"
+        )
+
+    batch = InternVLDataCollator(tiny_tokenizer.pad_token_id)(samples[:3])
+    lengths = [len(sample["input_ids"]) for sample in samples[:3]]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    assert batch["pixel_values"].shape[0] == sum(sample["pixel_values"].shape[0] for sample in samples[:3])
+    assert _context_count(tiny_tokenizer, batch) == 256 * batch["pixel_values"].shape[0]
+    assert len(train.lengths) == 4 and all(length > 256 * 2 for length in train.lengths)
+
+
+def test_evaluation_samples_are_deterministic(prepared_demo, tiny_tokenizer):
+    _, evaluation = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
+    _, again = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
+    for index in range(len(evaluation)):
+        first, second = evaluation[index], again[index]
+        assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_frames_shrink_to_fit_max_seq_length(prepared_demo, tiny_tokenizer):
+    three_frames, _ = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, min_num_frame=3, max_num_frame=3)
+    budget = len(three_frames[0]["input_ids"])
+    train, _ = build_datasets(
+        prepared_demo / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=8, max_seq_length=budget
+    )
+    end_id = tiny_tokenizer.convert_tokens_to_ids(IMG_END_TOKEN)
+    frame_counts = set()
+    for _ in range(3):
+        sample = train[0]
+        frames = sample["pixel_values"].shape[0]
+        frame_counts.add(frames)
+        assert len(sample["input_ids"]) <= budget
+        assert _context_count(tiny_tokenizer, sample) == 256 * frames
+        assert int((sample["input_ids"] == end_id).sum()) == frames  # every image span complete
+        assert sample["labels"][-2] != IGNORE_INDEX  # the answer's <|im_end|> is still there
+    assert max(frame_counts) <= 3
+    assert train.bad_samples == 0
+
+
+def test_sample_that_cannot_fit_min_frames_is_bad(prepared_demo, tiny_tokenizer):
+    three_frames, _ = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, min_num_frame=3, max_num_frame=3)
+    budget = min(len(three_frames[i]["input_ids"]) for i in range(len(three_frames))) - 1
+    train, _ = build_datasets(
+        prepared_demo / "meta.json", tiny_tokenizer, min_num_frame=3, max_num_frame=5, max_seq_length=budget
+    )
+    with pytest.raises(DatasetHealthError, match="max_seq_length"):
+        train[0]
+    assert train.bad_samples >= 10
+
+
+def test_bad_video_is_replaced_counted_and_logged(tmp_path, demo_videos_dir, tiny_tokenizer, caplog):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    for name in ("demo_000.mp4", "demo_001.mp4"):
+        (tmp_path / name).write_bytes((demo_videos_dir / name).read_bytes())
+    meta = _write_meta(
+        tmp_path,
+        {
+            "clips": [
+                {"id": "broken", "video": "broken.mp4", "conversations": _turns("<video>\nSummarize.")},
+                {"id": "a", "video": "demo_000.mp4", "conversations": _turns("<video>\nSummarize.")},
+                {"id": "b", "video": "demo_001.mp4", "conversations": _turns("Summarize.")},  # <video> is prepended
+            ]
+        },
+    )
+    train, evaluation = build_datasets(meta, tiny_tokenizer, **SMALL_VIDEO)
+    assert evaluation is None
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        sample = train[0]
+    assert train.bad_samples == 1
+    assert "broken.mp4" in caplog.text and "clips.jsonl:1" in caplog.text
+    assert _context_count(tiny_tokenizer, sample) == 256 * sample["pixel_values"].shape[0]
+    assert "Frame-1:" in tiny_tokenizer.decode(train[2]["input_ids"])
+
+
+def test_mostly_bad_dataset_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
+    records = []
+    for index in range(4):
+        (tmp_path / f"bad{index}.mp4").write_bytes(bytes(100))
+        records.append({"video": f"bad{index}.mp4", "conversations": _turns("<video>\nSummarize.")})
+    train, _ = build_datasets(_write_meta(tmp_path, {"clips": records}), tiny_tokenizer, **SMALL_VIDEO)
+    with pytest.raises(DatasetHealthError, match="10 in a row"):
+        train[0]
+
+
+def test_text_image_and_multi_image_records(tmp_path, tiny_tokenizer):
+    Image.new("RGB", (896, 448), (200, 10, 10)).save(tmp_path / "wide.png")
+    Image.new("RGB", (448, 448), (10, 200, 10)).save(tmp_path / "square.jpg")
+    records = [
+        {"id": "text", "conversations": _turns("Say hi.", "Hi.")},
+        {"id": "single", "image": "wide.png", "conversations": _turns("What colour?", "Red.")},
+        {
+            "id": "multi",
+            "image": ["wide.png", "wide.png"],
+            "conversations": _turns("Image-1: <image>\nImage-2: <image>\nSame?", "Yes."),
+        },
+    ]
+    meta = _write_meta(tmp_path, {"mixed": records, "capped": records[1:2]}, capped={"max_dynamic_patch": 1})
+    train, _ = build_datasets(meta, tiny_tokenizer, max_dynamic_patch=4)
+    text, single, multi, capped = (train[i] for i in range(4))
+
+    assert text["pixel_values"].shape == (1, 3, 448, 448) and text["image_flags"].tolist() == [0]
+    assert _context_count(tiny_tokenizer, text) == 0
+    assert torch.allclose(text["pixel_values"][0, :, 0, 0], text["pixel_values"][0, :, -1, -1])  # a white tile
+
+    # 896x448 is a 2x1 grid, plus the thumbnail: 3 tiles, 768 image tokens, <image> prepended to the question.
+    assert single["pixel_values"].shape[0] == 3 and single["image_flags"].tolist() == [1, 1, 1]
+    assert _context_count(tiny_tokenizer, single) == 3 * 256
+    assert "<|im_start|>user\n<img>" in tiny_tokenizer.decode(single["input_ids"])
+
+    # Two images share max_dynamic_patch 4: at most 2 tiles each -> 2x1 grid, plus a thumbnail each.
+    assert multi["pixel_values"].shape[0] == 6 and _context_count(tiny_tokenizer, multi) == 6 * 256
+
+    # The entry's max_dynamic_patch 1 overrides the global 4: one tile, no thumbnail.
+    assert capped["pixel_values"].shape[0] == 1 and _context_count(tiny_tokenizer, capped) == 256
+
+
+def test_repeat_time(tmp_path, tiny_tokenizer):
+    records = [{"id": str(i), "conversations": _turns(f"Question {i}?")} for i in range(4)]
+    meta = _write_meta(
+        tmp_path, {"twice": records, "half": records}, twice={"repeat_time": 2}, half={"repeat_time": 0.5}
+    )
+    train, _ = build_datasets(meta, tiny_tokenizer)
+    assert len(train) == 8 + 2
+    questions = [tiny_tokenizer.decode(train[i]["input_ids"]).split("Question ")[1][0] for i in (0, 4, 8, 9)]
+    assert questions == ["0", "0", "0", "1"]  # repeated in order; the half keeps the first records
+
+
+def test_relative_paths_resolve_from_the_meta_folder(prepared_demo, tiny_tokenizer, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # anywhere but the data folder
+    train, _ = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
+    assert train[0]["pixel_values"].shape[0] >= 2
+
+
+def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": "nowhere", "annotation": "d.jsonl"}}))
+    with pytest.raises(FileNotFoundError, match="root 'nowhere' not found"):
+        build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.json"}}))
+    with pytest.raises(ValueError, match="must be a .jsonl file"):
+        build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+    (tmp_path / "d.jsonl").write_text('{"id": 1, "conversations": []}\n{broken\n')
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.jsonl"}}))
+    with pytest.raises(ValueError, match="d.jsonl:2: not valid JSON"):
+        build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+    _write_meta(tmp_path, {"only_val": [{"conversations": _turns("Hi?")}]})
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"d_val": {"root": ".", "annotation": "only_val.jsonl", "repeat_time": 1}})
+    )
+    with pytest.raises(ValueError, match="no training samples"):
+        build_datasets(tmp_path / "meta.json", tiny_tokenizer)

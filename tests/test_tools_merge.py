@@ -1,0 +1,140 @@
+"""Merging a LoRA training output gives the official layout and the same outputs as base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.model import load_internvl_model, load_tokenizer
+from internvl.tools.merge import MERGE_INFO_NAME, load_model_for_inference, merge_lora, resolve_model_source
+
+# float32 merge: W + s*B@A is computed once instead of x@W + s*(x@A)@B: only float32 rounding differs.
+FLOAT32_ATOL = 1e-5
+# bfloat16 merge: the merged weights are rounded to bf16 (8 significant bits); logits move by ~0.3% of their
+# range on the tiny model (measured), well inside this bound.
+BFLOAT16_RELATIVE_TOL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def model_inputs(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    text = f"Frame-1: {IMG_START_TOKEN}{IMG_CONTEXT_TOKEN * 256}{IMG_END_TOKEN}\nDescribe the video in detail."
+    input_ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    pixel_values = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(2))
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "image_flags": torch.ones(1, dtype=torch.long)}
+
+
+@torch.no_grad()
+def _logits(model, inputs):
+    model.float().eval()
+    return model(**inputs).logits
+
+
+def _tensors(folder):
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def test_merged_float32_model_matches_base_plus_adapter(tiny_lora_output, tiny_model_dir, model_inputs, tmp_path):
+    merged_dir = tmp_path / "merged"
+    merge_lora(tiny_lora_output, merged_dir, torch_dtype=torch.float32)
+
+    reference, _, source = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
+    assert source.base_model == tiny_model_dir and source.llm_adapter == tiny_lora_output
+    base = load_internvl_model(tiny_model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    merged = load_internvl_model(merged_dir, load_in_4bit=False, torch_dtype=torch.float32)
+
+    expected = _logits(reference, model_inputs)
+    assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
+    # The adapter really changes the model, so the equality above is not trivially true.
+    assert (_logits(base, model_inputs) - expected).abs().max() > 100 * FLOAT32_ATOL
+
+
+def test_merge_changes_exactly_the_lora_targets(tiny_lora_output, tiny_model_dir, tmp_path):
+    merged_dir = tmp_path / "merged"
+    merge_lora(tiny_lora_output, merged_dir, torch_dtype=torch.float32)
+    base, merged = _tensors(tiny_model_dir), _tensors(merged_dir)
+
+    assert merged.keys() == base.keys()  # the official key names, no peft prefixes or lora tensors
+    changed = {key for key in base if not torch.equal(base[key], merged[key])}
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = {key for key in base if key.endswith(".weight") and any(t in key for t in lora_targets)}
+    assert changed == expected
+    assert all(key.startswith("language_model.model.layers.") for key in changed)
+
+
+def test_merged_folder_is_an_official_checkpoint(tiny_lora_output, tmp_path):
+    merged_dir = tmp_path / "merged"
+    info = merge_lora(tiny_lora_output, merged_dir, max_shard_size="200KB")
+
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["use_llm_lora"] == 0 and config["use_backbone_lora"] == 0
+    assert config["architectures"] == ["InternVLChatModel"]
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    tensors = _tensors(merged_dir)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert "language_model.lm_head.weight" in tensors and "mlp1.1.weight" in tensors
+    assert load_tokenizer(merged_dir).convert_tokens_to_ids(IMG_CONTEXT_TOKEN) is not None
+    assert info["lora_ranks"] == {"llm": 8}  # the rank of the conftest adapter
+    assert "not the 4-bit" in json.loads((merged_dir / MERGE_INFO_NAME).read_text())["merged_onto"]
+    # Nothing is left beside the result (the staging folder was renamed into place).
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_bfloat16_merge_is_close_to_the_float32_reference(tiny_lora_output, model_inputs, tmp_path):
+    merge_lora(tiny_lora_output, tmp_path / "merged")
+    reference, _, _ = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
+    expected = _logits(reference, model_inputs)
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.bfloat16)
+    difference = (_logits(merged, model_inputs) - expected).abs().max()
+    assert difference <= BFLOAT16_RELATIVE_TOL * (expected.max() - expected.min())
+
+
+def test_official_style_lora_checkpoint_merges_too(tiny_lora_model, tiny_model_dir, model_inputs, tmp_path):
+    """The official trainer saves the full model with the LoRA layers inside and use_llm_lora set."""
+    model = tiny_lora_model
+    model.save_pretrained(tmp_path / "official-lora")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "official-lora")
+    expected = _logits(model, model_inputs)
+
+    source = resolve_model_source(tmp_path / "official-lora")
+    assert source.lora_in_weights and source.base_model is None
+    merge_lora(tmp_path / "official-lora", tmp_path / "merged", torch_dtype=torch.float32)
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32)
+    assert merged.config.use_llm_lora == 0
+    assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
+
+
+def test_missing_base_model_asks_for_base_model_flag(tiny_lora_output, tmp_path):
+    moved = tmp_path / "output"
+    moved.mkdir()
+    for file in tiny_lora_output.iterdir():
+        (moved / file.name).write_bytes(file.read_bytes())
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="--base-model"):
+        resolve_model_source(moved)
+
+
+def test_merge_refuses_to_overwrite_a_folder(tiny_lora_output, tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "keep.txt").write_text("data")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        merge_lora(tiny_lora_output, target)
+    assert (target / "keep.txt").read_text() == "data"
+
+
+def test_a_plain_model_has_nothing_to_merge(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_lora(tiny_model_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
