@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -131,15 +131,15 @@ def test_adapter_model_loads_in_4bit(tiny_lora_output, demo_videos_dir):
     assert isinstance(answer, str) and answer
 
 
-def test_infer_script_prints_the_summary(lora_model, tiny_lora_output, demo_videos_dir):
+def test_infer_script_prints_the_summary(lora_model, tiny_lora_output, demo_videos_dir, monkeypatch, capsys):
     model, tokenizer = lora_model
     video = demo_videos_dir / "demo_003.mp4"
     expected = summarize(model, tokenizer, video, num_frames=2, generation_kwargs=generation_config(MAX_NEW_TOKENS))
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "infer_internvl3.py"), "--model", str(tiny_lora_output),
-         "--video", str(video), "--num-frames", "2", "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "float32",
-         "--device", "cpu"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert result.stdout.strip() == expected
-    assert "LoRA adapter" in result.stderr
+    monkeypatch.setattr(sys, "argv", [
+        "infer_internvl3.py", "--model", str(tiny_lora_output), "--video", str(video), "--num-frames", "2",
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "float32", "--device", "cpu",
+    ])  # fmt: skip
+    runpy.run_path(str(REPO_ROOT / "scripts" / "infer_internvl3.py"), run_name="__main__")
+    output = capsys.readouterr()
+    assert output.out.strip() == expected
+    assert "LoRA adapter" in output.err

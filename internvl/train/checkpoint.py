@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from safetensors.torch import save_file
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from internvl.data.files import atomic_path, atomic_write_text
 
@@ -94,6 +94,27 @@ def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Ten
                 os.replace(file, target / file.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_trained_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load what :func:`save_trained_weights` wrote into a model loaded and wrapped the same way (LoRA ranks,
+    freezing). Used to resume without DeepSpeed, whose own checkpoints restore the weights otherwise."""
+    folder = Path(folder)
+    for attr, subfolder in ADAPTER_FOLDERS.items():
+        submodule = getattr(model, attr, None)
+        if not isinstance(submodule, PeftModel):
+            continue
+        adapter_file = folder / subfolder / "adapter_model.safetensors"
+        if not adapter_file.is_file():
+            raise FileNotFoundError(f"{adapter_file} is missing: {folder} holds no {attr} adapter to resume from")
+        result = set_peft_model_state_dict(submodule, load_file(adapter_file))
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter_file} does not fit the model: unexpected {result.unexpected_keys[:5]}")
+    non_lora_file = folder / NON_LORA_WEIGHTS_NAME
+    if non_lora_file.is_file():
+        result = model.load_state_dict(load_file(non_lora_file), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{non_lora_file} does not fit the model: unexpected {result.unexpected_keys[:5]}")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

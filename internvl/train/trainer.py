@@ -1,10 +1,10 @@
 """The HF ``Trainer`` specialised for InternVL LoRA fine-tuning.
 
-Three changes to the stock trainer:
+Changes to the stock trainer:
 - length-grouped batches use the dataset's precomputed ``lengths`` (the stock sampler would decode every sample
   to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
-  the ZeRO-3 partitions first, so what is saved is what was trained;
+  the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
 - logged values include tokens/s, samples/s and peak GPU memory.
 """
 
@@ -17,7 +17,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.train.callbacks import ThroughputMeter
-from internvl.train.checkpoint import gather_trainable_state_dict, save_trained_weights
+from internvl.train.checkpoint import gather_trainable_state_dict, load_trained_weights, save_trained_weights
 
 
 @contextmanager
@@ -66,6 +66,10 @@ class InternVLTrainer(Trainer):
             save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Resuming without DeepSpeed: the checkpoint holds the trained weights only (see save_model).
+        load_trained_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
