@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from internvl.tools.evaluate import METRIC_TITLES, METRICS_NAME, REPORT_NAME, EvaluationConfig, run_evaluation  # noqa: E402
+from internvl.tools.evaluate import METRICS_NAME, REPORT_NAME, EvaluationConfig, run_evaluation  # noqa: E402
+from internvl.tools.metrics import METRIC_TITLES  # noqa: E402
 from internvl.tools.infer import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def parse_args() -> EvaluationConfig:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--meta-path", type=Path, help="meta.json whose '_val' entries are evaluated")
     data.add_argument("--jsonl", type=Path, help="a JSONL of records in the official format")
-    parser.add_argument("--root", type=Path, help="folder the --jsonl media paths are relative to (default: its folder)")
+    parser.add_argument("--root", type=Path, help="folder --jsonl media paths start from (default: its folder)")
     parser.add_argument("--output-dir", type=Path, required=True, help="predictions, metrics and report go here")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames per video")

@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-python}"
 
 if [[ -f scripts/test_internvl3_setup.py ]]; then
   echo "== Checking the setup"
-  "$PYTHON" scripts/test_internvl3_setup.py
+  "$PYTHON" scripts/test_internvl3_setup.py -- "$@"
 fi
 echo "== Training"
 exec bash scripts/finetune_internvl3_8b_4bit_lora.sh "$@"

@@ -218,3 +218,16 @@ def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
     )
     with pytest.raises(ValueError, match="no training samples"):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+
+
+def test_bad_samples_in_dataloader_workers_reach_the_main_process(tmp_path, demo_videos_dir, tiny_tokenizer):
+    (tmp_path / "broken.mp4").write_bytes(bytes(300))
+    (tmp_path / "good.mp4").write_bytes((demo_videos_dir / "demo_000.mp4").read_bytes())
+    records = [{"video": name, "conversations": _turns("<video>\nSummarize.")} for name in ("broken.mp4", "good.mp4")]
+    train, _ = build_datasets(_write_meta(tmp_path, {"clips": records * 2}), tiny_tokenizer, **SMALL_VIDEO)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=2, num_workers=2, collate_fn=InternVLDataCollator(tiny_tokenizer.pad_token_id)
+    )
+    batches = list(loader)
+    assert len(batches) == 2 and all(batch["input_ids"].shape[0] == 2 for batch in batches)
+    assert train.bad_samples >= 2  # each broken record failed at least once, in a worker

@@ -17,7 +17,7 @@ from test_setup_check import write_sharded_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "download_internvl3_models.sh"
 SECRET = "hf_secret_token_value_123"
-OFFLINE_ERROR = "Error: Cannot reach https://huggingface.co/api/models/OpenGVLab/InternVL3-8B/revision/main: connection error"
+OFFLINE_ERROR = "Error: Cannot reach https://huggingface.co/api/models/OpenGVLab/InternVL3-8B/revision/main: timed out"
 
 
 @pytest.fixture(scope="module")

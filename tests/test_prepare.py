@@ -338,3 +338,16 @@ def test_extracted_frames_are_an_official_frame_folder(demo_videos_dir, tmp_path
     assert frames == [f"{Path(record['source_video']).stem}_mp4_{i:06d}.jpg" for i in (2, 8, 14, 20)]
     train, _ = build_datasets(output_dir / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=8)
     assert 2 <= train[0]["pixel_values"].shape[0] <= 4  # never more frames than the folder holds
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from internvl.data.files import atomic_path, atomic_write_text
+
+    target = tmp_path / "meta.json"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp_file:
+            tmp_file.write_text("half of the new cont")
+            raise RuntimeError("killed while writing")
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["meta.json"]

@@ -258,8 +258,9 @@ def test_memory_estimate_behaves(internvl3_8b):
     assert _estimate(internvl3_8b, max_seq_length=4096, max_num_frame=16).peak < base.peak
     assert _estimate(internvl3_8b, offload_param=False, offload_optimizer=False).train_peak > base.train_peak
     no_offload = dict(offload_param=False, offload_optimizer=False)
-    assert _estimate(internvl3_8b, num_gpus=4, **no_offload).train_peak < _estimate(internvl3_8b, **no_offload).train_peak
-    assert _estimate(internvl3_8b, zero_stage=2, **no_offload).train_peak > _estimate(internvl3_8b, **no_offload).train_peak
+    zero3 = _estimate(internvl3_8b, **no_offload).train_peak
+    assert _estimate(internvl3_8b, num_gpus=4, **no_offload).train_peak < zero3
+    assert _estimate(internvl3_8b, zero_stage=2, **no_offload).train_peak > zero3
     assert _estimate(internvl3_8b, answer_tokens=1024).logits == 4 * base.logits
     assert base.frames_per_sample == 32 and _estimate(internvl3_8b, max_seq_length=2048).frames_per_sample == 8
 
@@ -280,7 +281,7 @@ def test_memory_check_compares_with_the_smallest_gpu(good_setup):
     checker = _checker(good_setup, PER_DEVICE_BATCH_SIZE="4", BATCH_SIZE="8")
     checker.model_config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
     checker.deepspeed_config = json.loads((REPO / "configs" / "zero_stage3_config.json").read_text())
-    checker.gpu_memory = [141 * GIB, 24 * GIB]
+    checker.gpu_memory = [141 * GIB, 16 * GIB]
     [result] = checker.check_memory()
     assert result.status == FAIL and "PER_DEVICE_BATCH_SIZE" in result.fix
     checker.gpu_memory = [141 * GIB, 141 * GIB]

@@ -100,7 +100,12 @@ def test_rerun_generates_only_missing_ids(prepared_data, tiny_lora_output, tmp_p
     predictions_path.write_text("".join(lines[:-1]) + lines[-1][:20])
     loaded = []
     original = evaluate.load_visual_input
-    monkeypatch.setattr(evaluate, "load_visual_input", lambda path, *a, **k: loaded.append(path) or original(path, *a, **k))
+
+    def spy(path, *args, **kwargs):
+        loaded.append(path)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_visual_input", spy)
     metrics = run_evaluation(config)
 
     assert loaded == [first[-1]["media"]]  # only the missing record was generated again

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.model import load_internvl_model, load_tokenizer
 from internvl.tools.merge import MERGE_INFO_NAME, load_model_for_inference, merge_lora, resolve_model_source
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # float32 merge: W + s*B@A is computed once instead of x@W + s*(x@A)@B: only float32 rounding differs.
 FLOAT32_ATOL = 1e-5
 # bfloat16 merge: the merged weights are rounded to bf16 (8 significant bits); logits move by ~0.3% of their
@@ -138,3 +143,29 @@ def test_a_plain_model_has_nothing_to_merge(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="nothing to merge"):
         merge_lora(tiny_model_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_script_writes_the_model_and_says_what_it_merged_onto(
+    tiny_lora_output, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", str(tiny_lora_output), str(tmp_path / "merged")])
+    runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "original bfloat16 weights, not the 4-bit NF4 weights" in printed
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["use_llm_lora"] == 0
+
+
+def test_remote_code_of_the_base_travels_with_the_merged_model(tiny_lora_output, tiny_model_dir, tmp_path):
+    """Official checkpoints load through ``auto_map`` and their own ``*.py`` files: both are kept."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "modeling_internvl_chat.py").write_text("# the checkpoint's remote code\n")
+
+    info = merge_lora(tiny_lora_output, tmp_path / "merged", base_model=base)
+    assert info["base_model"] == str(base)  # --base-model wins over the adapter's reference
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged_config["auto_map"] == config["auto_map"]
+    assert (tmp_path / "merged" / "modeling_internvl_chat.py").read_text() == "# the checkpoint's remote code\n"

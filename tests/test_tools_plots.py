@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +20,8 @@ from internvl.tools.plots import (
     plot_training_curves,
 )
 from internvl.train.callbacks import TrainingLogCallback
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write_trainer_state(folder, train_steps, eval_steps):
@@ -100,9 +105,9 @@ def test_metric_bars_show_each_models_values(tmp_path):
     }
     figure = build_metric_bars_figure(scores, ["rouge1", "bleu4", "cider", "meteor"])
     # METEOR has no value for any model: no panel for it.
-    assert [axes.get_title() for axes in figure.axes] == ["rouge1", "bleu4", "cider"]
+    assert [axes.get_title() for axes in figure.axes] == ["ROUGE-1", "BLEU-4", "CIDEr"]
     heights = {axes.get_title(): [bar.get_height() for bar in axes.patches] for axes in figure.axes}
-    assert heights == {"rouge1": [10.0, 45.0], "bleu4": [2.5, 20.0], "cider": [30.0, 250.0]}
+    assert heights == {"ROUGE-1": [10.0, 45.0], "BLEU-4": [2.5, 20.0], "CIDEr": [30.0, 250.0]}
 
     path = plot_metric_bars(scores, ["rouge1", "bleu4", "cider"], tmp_path / "bars.png")
     _assert_png(path)
@@ -110,6 +115,14 @@ def test_metric_bars_show_each_models_values(tmp_path):
 
 def test_metric_missing_for_one_model_is_drawn_as_not_available():
     figure = build_metric_bars_figure({"a": {"rouge1": 5.0}, "b": {"rouge1": 6.0, "cider": 7.0}}, ["rouge1", "cider"])
-    cider = next(axes for axes in figure.axes if axes.get_title() == "cider")
+    cider = next(axes for axes in figure.axes if axes.get_title() == "CIDEr")
     assert [bar.get_height() for bar in cider.patches] == [0.0, 7.0]
     assert [text.get_text() for text in cider.texts] == ["n/a", "7.0"]
+
+
+def test_plot_script_reports_the_points_it_drew(tmp_path, monkeypatch, capsys):
+    _write_trainer_state(tmp_path, train_steps=[1, 2, 3, 4], eval_steps=[2, 4])
+    monkeypatch.setattr(sys, "argv", ["plot_training_curves.py", str(tmp_path)])
+    runpy.run_path(str(REPO_ROOT / "scripts" / "plot_training_curves.py"), run_name="__main__")
+    assert "4 train and 2 eval loss points" in capsys.readouterr().out
+    _assert_png(tmp_path / LOSS_CURVES_NAME)

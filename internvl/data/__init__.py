@@ -3,6 +3,8 @@
 
 from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import build_datasets
+from internvl.data.demo import make_demo_videos
+from internvl.data.prepare import prepare_dataset
 from internvl.data.tiling import build_transform, dynamic_preprocess
 from internvl.data.tokenize import preprocess_conversation
 from internvl.data.video import get_frame_indices, probe_video, read_video_frames
@@ -13,6 +15,8 @@ __all__ = [
     "build_transform",
     "dynamic_preprocess",
     "get_frame_indices",
+    "make_demo_videos",
+    "prepare_dataset",
     "preprocess_conversation",
     "probe_video",
     "read_video_frames",

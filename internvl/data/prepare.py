@@ -48,7 +48,9 @@ REJECTS_FILE = "rejected_records.jsonl"
 FRAMES_DIR = "frames"
 ANNOTATION_FILE_NAMES = ("annotations.csv", "annotations.jsonl", "annotations.json")
 ANNOTATION_SUFFIXES = (".csv", ".json", ".jsonl")
-VIDEO_KEY_ALIASES = tuple("video video_path videopath video_file video_name path file filename file_name clip media".split())
+VIDEO_KEY_ALIASES = tuple(
+    "video video_path videopath video_file video_name path file filename file_name clip media".split()
+)
 SUMMARY_KEY_ALIASES = tuple("summary caption text description answer reference response target label output".split())
 
 # Rejection reasons, as written to the rejects file.

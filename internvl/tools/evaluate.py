@@ -38,7 +38,7 @@ from internvl.tools.infer import (
     load_visual_input,
 )
 from internvl.tools.merge import load_model_for_inference, resolve_model_source
-from internvl.tools.metrics import METRIC_NAMES, compute_metrics
+from internvl.tools.metrics import METRIC_NAMES, METRIC_TITLES, compute_metrics
 from internvl.tools.plots import plot_metric_bars
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ REPORT_NAME = "report.md"
 METRIC_BARS_NAME = "metric_bars.png"
 RUN_SETTINGS_NAME = "run_settings.json"
 NUM_REPORT_EXAMPLES = 3
-METRIC_TITLES = {
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L",
-    "bleu4": "BLEU-4",
-    "cider": "CIDEr",
-    "meteor": "METEOR",
-}
 # Errors reading one record's media: recorded as a failed prediction instead of ending the run.
 MEDIA_ERRORS = (VideoDecodeError, FileNotFoundError, ValueError, OSError)
 
@@ -165,7 +157,7 @@ def read_predictions(path: Path, valid_ids: set[str]) -> dict[str, dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines) and not line.endswith("\n"):
-                logger.warning("%s:%d: incomplete last line from an interrupted run removed; it is redone", path, number)
+                logger.warning("%s:%d: incomplete last line of an interrupted run removed; redoing it", path, number)
                 atomic_write_text(path, "".join(lines[:-1]))
                 break
             raise ValueError(f"{path}:{number}: not valid JSON; fix or delete the line to resume") from None

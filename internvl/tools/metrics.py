@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRIC_NAMES = (*ROUGE_TYPES, "bleu4", "cider", "meteor")
+METRIC_TITLES = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "bleu4": "BLEU-4",
+    "cider": "CIDEr",
+    "meteor": "METEOR",
+}
 
 _WORD = re.compile(r"\w+")
 

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from internvl.data.files import atomic_path
+from internvl.tools.metrics import METRIC_TITLES
 from internvl.train.callbacks import TRAINING_LOG_NAME
 from internvl.train.checkpoint import TRAINER_STATE_NAME, list_checkpoints
 
@@ -141,11 +142,13 @@ def build_metric_bars_figure(scores_by_model: dict[str, dict[str, float]], metri
         values = [scores_by_model[model].get(metric) for model in models]
         bars = axes.bar(range(len(models)), [v or 0.0 for v in values], color=colours)
         axes.bar_label(bars, labels=[f"{v:.1f}" if v is not None else "n/a" for v in values], fontsize=8)
-        axes.set_title(metric)
+        axes.set_title(METRIC_TITLES.get(metric, metric))
         axes.set_xticks([])
+        axes.set_ylim(bottom=0)
         axes.margins(y=0.15)
         axes.grid(True, axis="y", alpha=0.3)
     figure.legend(panels[0].patches, models, loc="outside lower center", ncols=min(len(models), 4))
+    figure.suptitle("scores on a 0-100 scale (CIDEr x 100)", fontsize=9)
     return figure
 
 

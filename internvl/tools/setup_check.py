@@ -120,7 +120,8 @@ class SetupSettings:
         try:
             plan = resolve_plan(environ, list(training_args), visible_gpus)
             args = plan.train_args
-            gpus, nnodes, per_device, batch_size = plan.nproc_per_node, plan.nnodes, plan.per_device_batch_size, plan.batch_size
+            gpus, nnodes = plan.nproc_per_node, plan.nnodes
+            per_device, batch_size = plan.per_device_batch_size, plan.batch_size
         except ValueError as error:
             # The launcher would stop here; keep checking everything else with the values as given.
             launch_error = str(error)
@@ -135,7 +136,8 @@ class SetupSettings:
                 "--use_llm_lora", str(_int_or(get("LORA_RANK"), int(DEFAULTS["LORA_RANK"]))),
                 *training_args,
             ]  # fmt: skip
-            gpus = _int_or(env.get("GPUS") or env.get("SLURM_GPUS_ON_NODE"), visible_gpus or int(DEFAULTS["CPU_PROCESSES"]))
+            default_gpus = visible_gpus or int(DEFAULTS["CPU_PROCESSES"])
+            gpus = _int_or(env.get("GPUS") or env.get("SLURM_GPUS_ON_NODE"), default_gpus)
             nnodes = _int_or(env.get("NNODES") or env.get("SLURM_NNODES"), 1)
             per_device = _int_or(get("PER_DEVICE_BATCH_SIZE"), int(DEFAULTS["PER_DEVICE_BATCH_SIZE"]))
             batch_size = _int_or(get("BATCH_SIZE"), int(DEFAULTS["BATCH_SIZE"]))
@@ -372,10 +374,11 @@ class MemoryEstimate:
     load_peak: int  # the whole 4-bit model on each GPU while from_pretrained runs (before ZeRO partitions it)
     resident_weights: int  # weights held during training (partitioned, offloaded or whole)
     lora_states: int  # LoRA weights, gradients and optimizer states on the GPU
-    checkpointed_activations: int  # one hidden state per layer per token (gradient checkpointing)
-    layer_activations: int  # one decoder layer recomputed during backward
-    logits: int  # LM-head output at supervised positions, its fp32 log-softmax and their gradients
+    checkpointed_activations: int  # the hidden states gradient checkpointing keeps, for the whole step
+    # Three phases of a step, which do not overlap: the largest one counts.
     vision_activations: int  # the frozen ViT forward on every frame of the micro-batch (no grad)
+    logits: int  # LM-head output at supervised positions, its fp32 log-softmax and their gradients
+    layer_activations: int  # one decoder layer recomputed during backward, with its gradients
     dequantized_weight: int  # the largest projection dequantized to bf16 for its matmul
     cuda_overhead: int  # CUDA context and allocator fragmentation
     tokens_per_micro_batch: int
@@ -383,9 +386,10 @@ class MemoryEstimate:
 
     @property
     def train_peak(self) -> int:
+        largest_phase = max(self.vision_activations, self.logits, self.layer_activations)
         return (
-            self.resident_weights + self.lora_states + self.checkpointed_activations + self.layer_activations
-            + self.logits + self.vision_activations + self.dequantized_weight + self.cuda_overhead
+            self.resident_weights + self.lora_states + self.checkpointed_activations + largest_phase
+            + self.dequantized_weight + self.cuda_overhead
         )  # fmt: skip
 
     @property
@@ -398,11 +402,13 @@ class MemoryEstimate:
         return values
 
     def summary(self) -> str:
+        phases = {"ViT": self.vision_activations, "logits": self.logits, "layer recompute": self.layer_activations}
+        largest = max(phases, key=phases.get)
         parts = [
             ("weights", self.resident_weights),
             ("LoRA+optimizer", self.lora_states),
-            ("activations", self.checkpointed_activations + self.layer_activations + self.vision_activations),
-            ("logits", self.logits),
+            ("checkpoints", self.checkpointed_activations),
+            (largest, phases[largest]),
             ("CUDA+buffers", self.dequantized_weight + self.cuda_overhead),
         ]
         detail = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts)
@@ -456,21 +462,25 @@ def estimate_gpu_memory(
 
     frames = max(1, min(max_num_frame, s // dims.num_image_token))
     tokens = b * s
-    # bf16 tensors autograd keeps for one Qwen2 layer per token: norm outputs, q/k/v/o, the LoRA inputs, SwiGLU.
-    layer_elements_per_token = 20 * h + 4 * kv + 6 * i
+    # Per token, in bf16 elements: the input of every layer plus the embeddings before and after the image splice.
+    checkpointed_per_token = (dims.num_layers + 2) * h
+    # One Qwen2 layer recomputed in backward: the tensors its forward keeps (norm outputs, q/k/v/o, the LoRA inputs,
+    # the SwiGLU intermediates: 20h + 4kv + 6i) and the gradients its backward creates (4h + 3i).
+    layer_per_token = 24 * h + 4 * kv + 9 * i
     # Logits [b, P, vocab] at P positions supervised in some sample of the batch (the union of their answers).
     logit_positions = min(s, b * answer_tokens)
     # Frozen ViT under no_grad: one layer's tensors at a time, for every tile of the micro-batch.
-    vision_elements_per_tile = dims.vision_tokens_per_tile * (6 * dims.vision_hidden_size + dims.vision_intermediate_size)
+    hv, iv = dims.vision_hidden_size, dims.vision_intermediate_size
+    vision_per_tile = dims.vision_tokens_per_tile * (6 * hv + iv)
     return MemoryEstimate(
         load_peak=whole_model,
         resident_weights=resident,
         lora_states=lora_states,
-        checkpointed_activations=2 * h * dims.num_layers * tokens,
-        layer_activations=2 * layer_elements_per_token * tokens,
+        checkpointed_activations=2 * checkpointed_per_token * tokens,
+        vision_activations=2 * vision_per_tile * b * frames,
         # bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4 + bf16 gradient 2 bytes per vocabulary entry.
         logits=12 * v * b * logit_positions,
-        vision_activations=2 * vision_elements_per_tile * b * frames,
+        layer_activations=2 * layer_per_token * tokens,
         dequantized_weight=2 * h * i,
         cuda_overhead=cuda_overhead,
         tokens_per_micro_batch=tokens,
@@ -551,7 +561,8 @@ def _record_problem(record: dict) -> str | None:
     """What makes a record unusable for training, checked before the run (the dataset would skip it)."""
     conversations = record["conversations"]
     for turn in conversations:
-        if not isinstance(turn, dict) or turn.get("from") not in CONVERSATION_ROLES or not isinstance(turn.get("value"), str):
+        valid = isinstance(turn, dict) and turn.get("from") in CONVERSATION_ROLES and isinstance(turn.get("value"), str)
+        if not valid:
             return f"each turn needs 'from' in {CONVERSATION_ROLES} and a string 'value', got {str(turn)[:80]}"
     if not any(turn["from"] == "gpt" and turn["value"].strip() for turn in conversations):
         return "no non-empty 'gpt' turn: nothing to train on"
@@ -560,7 +571,8 @@ def _record_problem(record: dict) -> str | None:
     video, image = record.get("video"), record.get("image")
     if video is not None and not isinstance(video, str):
         return f"'video' must be a path string, got {video!r}"
-    if image is not None and not (isinstance(image, str) or (isinstance(image, list) and all(isinstance(p, str) for p in image))):
+    paths = image if isinstance(image, list) else [image]
+    if image is not None and not all(isinstance(p, str) for p in paths):
         return f"'image' must be a path or a list of paths, got {image!r}"
     return None
 
@@ -575,7 +587,8 @@ def _media_missing(path: str) -> str | None:
     if path.endswith("/") or os.path.isdir(path):
         if not os.path.isdir(path):
             return "frame folder not found"
-        return None if any(os.scandir(path)) else "frame folder is empty"
+        with os.scandir(path) as entries:
+            return None if any(entries) else "frame folder is empty"
     if not os.path.isfile(path):
         return "not found"
     return None if os.path.getsize(path) > 0 else "empty file"
@@ -728,7 +741,9 @@ class SetupChecker:
             layer = bnb.nn.Linear4bit(
                 128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", quant_storage=torch.bfloat16
             )
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16)
+            layer.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16
+            )
             layer = layer.to(device)  # quantizes
             x = torch.randn(4, 128, generator=generator).to(device, torch.bfloat16).requires_grad_()
             out = layer(x)
@@ -800,7 +815,8 @@ class SetupChecker:
             results.append(_fail(name, f"invalid zero_optimization in {path}: {detail}",
                                  "fix or remove the reported key (see DeepSpeed's ZeRO configuration docs)"))
         stage = _int_or(zero.get("stage", 0), 0)
-        offload = {part: (zero.get(part) or {}).get("device", "none") for part in ("offload_param", "offload_optimizer")}
+        offload = {part: (zero.get(part) or {}).get("device", "none")
+                   for part in ("offload_param", "offload_optimizer")}
         for part, device in offload.items():
             nvme_path = (zero.get(part) or {}).get("nvme_path")
             if device == "nvme" and not (nvme_path and os.access(nvme_path, os.W_OK)):
@@ -825,7 +841,9 @@ class SetupChecker:
         world = s.gpus * s.nnodes
         expected = {
             "train_micro_batch_size_per_gpu": (s.per_device_batch_size, "PER_DEVICE_BATCH_SIZE"),
-            "gradient_accumulation_steps": (s.gradient_accumulation, "BATCH_SIZE / (PER_DEVICE_BATCH_SIZE × GPUS × NNODES)"),
+            "gradient_accumulation_steps": (
+                s.gradient_accumulation, "BATCH_SIZE / (PER_DEVICE_BATCH_SIZE × GPUS × NNODES)"
+            ),
             "train_batch_size": (s.batch_size, "BATCH_SIZE"),
         }
         results = []
@@ -856,8 +874,8 @@ class SetupChecker:
         from torch.utils.cpp_extension import is_ninja_available
 
         compiler = os.environ.get("CXX", "c++")
-        missing = [what for what, present in (("a C++ compiler", shutil.which(compiler)), ("ninja", is_ninja_available()))
-                   if not present]
+        tools = (("a C++ compiler", shutil.which(compiler)), ("ninja", is_ninja_available()))
+        missing = [what for what, present in tools if not present]
         if missing:
             return [_fail(
                 "DeepSpeed ops", f"DeepSpeed compiles CPU Adam and its CPU communication op on first use, which needs "
@@ -865,7 +883,8 @@ class SetupChecker:
                 "install them (apt install g++; pip install ninja), or pre-build the op: DS_BUILD_CPU_ADAM=1 pip "
                 "install --no-cache-dir --force-reinstall deepspeed",
             )]
-        return [_ok("DeepSpeed ops", f"compiler ({compiler}) and ninja present for the first-use build (about a minute)")]
+        return [_ok("DeepSpeed ops", f"compiler ({compiler}) and ninja present for the first-use build "
+                                     "(about a minute)")]
 
     # -- Model folder ----------------------------------------------------------------------------------------
 
@@ -893,7 +912,8 @@ class SetupChecker:
                            "intermediate_size", "vocab_size"),
             "vision_config": ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "intermediate_size"),
         }  # fmt: skip
-        missing = [f"{part}.{key}" for part, keys in required.items() for key in keys if key not in (raw.get(part) or {})]
+        missing = [f"{part}.{key}" for part, keys in required.items()
+                   for key in keys if key not in (raw.get(part) or {})]
         if missing:
             return [_fail(name, f"{config_file} lacks {', '.join(missing)}",
                           "restore config.json from the checkpoint's repository")]
@@ -908,10 +928,19 @@ class SetupChecker:
         llm = config.llm_config
         results = [_ok(name, f"{llm.architectures[0]}, {llm.num_hidden_layers} layers, hidden {llm.hidden_size}, "
                              f"vocab {llm.vocab_size}, {config.num_image_token} tokens per {config.image_size}px tile")]
-        if config.template not in (None, "internvl2_5"):
+        # Training replaces the config's template and checks its downsample ratio with these arguments.
+        data_args = self.settings.data_args if self.settings else None
+        template = data_args.conv_style if data_args else config.template
+        if template not in (None, "internvl2_5"):
             results.append(_warn(
-                "chat template", f"config template is {config.template!r}; InternVL3 is trained with 'internvl2_5'",
-                "keep --conv_style internvl2_5 (other templates are known to collapse the loss)",
+                "chat template", f"the template is {template!r}; InternVL3 is trained with 'internvl2_5'",
+                "use --conv_style internvl2_5 (other templates are known to collapse the loss)",
+            ))
+        if data_args and data_args.down_sample_ratio != config.downsample_ratio:
+            results.append(_fail(
+                name, f"--down_sample_ratio {data_args.down_sample_ratio} differs from the checkpoint's "
+                f"downsample_ratio {config.downsample_ratio} (the projector's input width depends on it)",
+                f"drop --down_sample_ratio or set it to {config.downsample_ratio}",
             ))
         return results
 
@@ -1204,7 +1233,8 @@ class SetupChecker:
         if estimate.peak > available:
             return [_fail("GPU memory", f"needs {needs}; the smallest GPU has {_size(available)}", lower)]
         if estimate.peak > 0.9 * available:
-            return [_warn("GPU memory", f"needs {needs}; the smallest GPU has {_size(available)}, little margin", lower)]
+            return [_warn("GPU memory", f"needs {needs}; the smallest GPU has {_size(available)}, little margin",
+                          lower)]
         return [_ok("GPU memory", f"needs {needs}; the smallest GPU has {_size(available)}")]
 
     def check_output_dir(self) -> list[CheckResult]:

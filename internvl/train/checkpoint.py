@@ -88,7 +88,10 @@ def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Ten
     target.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".adapter.", dir=target))
     try:
-        peft_model.save_pretrained(scratch, state_dict=adapter_state, safe_serialization=True)
+        # Embeddings are never LoRA targets here, so peft need not look up the base model to decide.
+        peft_model.save_pretrained(
+            scratch, state_dict=adapter_state, safe_serialization=True, save_embedding_layers=False
+        )
         for file in scratch.iterdir():
             if file.is_file():
                 os.replace(file, target / file.name)
