@@ -27,7 +27,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from internvl.tools.setup_check import SetupSettings, run_setup_checks  # noqa: E402
 
 # Options that set one of the launcher's environment variables.
-PATH_OPTIONS = ("model_path", "meta_path", "output_dir", "deepspeed_config")
 ENV_OPTIONS = {
     "model_path": "MODEL_PATH",
     "meta_path": "META_PATH",
@@ -39,6 +38,8 @@ ENV_OPTIONS = {
     "batch_size": "BATCH_SIZE",
     "lora_rank": "LORA_RANK",
 }
+# Options holding paths, which are taken from the current folder.
+PATH_OPTIONS = ("model_path", "meta_path", "output_dir", "deepspeed_config")
 # Options that become training arguments.
 TRAINING_OPTIONS = {
     "max_seq_length": "--max_seq_length",

@@ -335,3 +335,23 @@ def test_output_folder_and_disk_space(good_setup, tmp_path, monkeypatch):
     results = _checker(good_setup, OUTPUT_DIR=str(tmp_path / "run")).check_output_dir()
     disk = next(r for r in results if r.name == "disk space")
     assert disk.status == FAIL and "0.0 MiB free" in disk.message
+
+
+def test_gpu_checks_against_the_visible_gpus(good_setup, monkeypatch):
+    import torch
+
+    gpus = [SimpleNamespace(name="NVIDIA A100-SXM4-80GB", total_memory=80 * GIB, major=8, minor=0),
+            SimpleNamespace(name="Tesla V100-SXM2-32GB", total_memory=32 * GIB, major=7, minor=0)]  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
+
+    checker = _checker(good_setup, GPUS="1")
+    results = {r.name: r for r in checker.check_python_and_gpus()}
+    assert results["GPUs"].status == OK and "A100" in results["GPUs"].message
+    assert results["bf16"].status == OK  # only the first GPU is used
+    assert checker.gpu_memory == [80 * GIB, 32 * GIB]
+
+    results = {r.name: r for r in _checker(good_setup, GPUS="3").check_python_and_gpus()}
+    assert results["GPUs"].status == FAIL and "GPUS=3" in results["GPUs"].message and "GPUS=2" in results["GPUs"].fix
+    assert results["bf16"].status == FAIL and "V100" in results["bf16"].message

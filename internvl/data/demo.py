@@ -93,7 +93,9 @@ def encode_mp4(images: list[Image.Image], path: str | Path, *, fps: int) -> None
             else:
                 stream.bit_rate = 400_000
             for image in images:
-                container.mux(stream.encode(av.VideoFrame.from_image(image)))
+                # Convert to YUV here: the encoder's own conversion may run threaded and vary by a few bytes.
+                frame = av.VideoFrame.from_image(image).reformat(format="yuv420p")
+                container.mux(stream.encode(frame))
             container.mux(stream.encode())
 
 
