@@ -302,9 +302,10 @@ class InternVLChatModel(PreTrainedModel):
     ) -> InternVLChatOutput | tuple:
         """Causal-LM loss (mean over supervised tokens, as the official model) and/or logits.
 
-        With ``labels``, logits are computed only at supervised positions and not returned, unless
-        ``return_logits=True``: on video prompts of thousands of image tokens this avoids a
-        [batch, length, vocab] tensor that would dominate memory. Without labels the full logits are returned.
+        With ``labels``, logits are computed only for the supervised (sample, position) pairs and not returned,
+        unless ``return_logits=True``: on video prompts of thousands of image tokens this avoids a
+        [batch, length, vocab] tensor that would dominate memory, and the cost stays linear in the batch. A batch
+        with no supervised token gives a zero loss. Without labels the full logits are returned.
         """
         if input_ids is None:
             raise ValueError("input_ids are required")
@@ -322,13 +323,15 @@ class InternVLChatModel(PreTrainedModel):
         )
         loss = logits = None
         if labels is not None and not return_logits:
+            outputs = self.base_language_model.model(**llm_kwargs)
             target = labels[:, 1:].to(inputs_embeds.device)
-            # Positions whose next token is supervised in at least one sample of the batch.
-            positions = (target != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-            outputs = self.language_model(**llm_kwargs, logits_to_keep=positions)
-            loss = F.cross_entropy(
-                outputs.logits.float().flatten(0, 1), target[:, positions].flatten(), ignore_index=IGNORE_INDEX
-            )
+            supervised = target != IGNORE_INDEX
+            # Project only the (sample, position) pairs whose next token is supervised: their count, not
+            # batch x length, sets the size of the fp32 vocabulary logits.
+            hidden = outputs.last_hidden_state[:, :-1][supervised]
+            supervised_logits = self.lm_head(hidden).float()
+            # A batch with nothing supervised contributes a zero loss (and zero gradients), not NaN.
+            loss = F.cross_entropy(supervised_logits, target[supervised], reduction="sum") / supervised.sum().clamp(min=1)
         else:
             outputs = self.language_model(**llm_kwargs)
             logits = outputs.logits
