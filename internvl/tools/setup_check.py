@@ -467,8 +467,8 @@ def estimate_gpu_memory(
     # One Qwen2 layer recomputed in backward: the tensors its forward keeps (norm outputs, q/k/v/o, the LoRA inputs,
     # the SwiGLU intermediates: 20h + 4kv + 6i) and the gradients its backward creates (4h + 3i).
     layer_per_token = 24 * h + 4 * kv + 9 * i
-    # Logits [b, P, vocab] at P positions supervised in some sample of the batch (the union of their answers).
-    logit_positions = min(s, b * answer_tokens)
+    # Logits [N, vocab] for the N supervised (sample, position) pairs of the micro-batch.
+    supervised_tokens = b * min(s, answer_tokens)
     # Frozen ViT under no_grad: one layer's tensors at a time, for every tile of the micro-batch.
     hv, iv = dims.vision_hidden_size, dims.vision_intermediate_size
     vision_per_tile = dims.vision_tokens_per_tile * (6 * hv + iv)
@@ -479,7 +479,7 @@ def estimate_gpu_memory(
         checkpointed_activations=2 * checkpointed_per_token * tokens,
         vision_activations=2 * vision_per_tile * b * frames,
         # bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4 + bf16 gradient 2 bytes per vocabulary entry.
-        logits=12 * v * b * logit_positions,
+        logits=12 * v * supervised_tokens,
         layer_activations=2 * layer_per_token * tokens,
         dequantized_weight=2 * h * i,
         cuda_overhead=cuda_overhead,
