@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from internvl.constants import IMAGE_PLACEHOLDER
+
 INTERNVL_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -55,6 +57,11 @@ class Conversation:
 
     def copy(self) -> "Conversation":
         return copy.deepcopy(self)
+
+
+def video_frame_prompt(num_frames: int) -> str:
+    """The official per-frame lines that replace ``<video>``: ``Frame-1: <image>`` ... one per line."""
+    return "".join(f"Frame-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_frames + 1))
 
 
 _TEMPLATES: dict[str, Conversation] = {}

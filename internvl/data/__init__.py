@@ -1,10 +1,11 @@
 """The data pipeline: raw videos -> official-format JSONL (``prepare``) -> samples (``dataset``) -> batches
-(``collate``). See docs/DATA.md."""
+(``collate``). See docs/DATA.md.
+
+The root exports the training-time pipeline only; ``internvl.data.prepare`` and ``internvl.data.demo`` (which
+needs a video encoder) are imported from their modules."""
 
 from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import build_datasets
-from internvl.data.demo import make_demo_videos
-from internvl.data.prepare import prepare_dataset
 from internvl.data.tiling import build_transform, dynamic_preprocess
 from internvl.data.tokenize import preprocess_conversation
 from internvl.data.video import get_frame_indices, probe_video, read_video_frames
@@ -15,8 +16,6 @@ __all__ = [
     "build_transform",
     "dynamic_preprocess",
     "get_frame_indices",
-    "make_demo_videos",
-    "prepare_dataset",
     "preprocess_conversation",
     "probe_video",
     "read_video_frames",

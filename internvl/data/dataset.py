@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from internvl.conversation import video_frame_prompt
 from internvl.data.tiling import build_transform, dynamic_preprocess
 from internvl.data.tokenize import (
     ROLE_USER,
@@ -153,11 +154,6 @@ def apply_repeat_time(records: list, repeat_time: float) -> list:
     if repeat_time < 1:
         return records[: int(len(records) * repeat_time)]
     return records * int(repeat_time)
-
-
-def video_frame_prompt(num_frames: int) -> str:
-    """The official per-frame lines that replace ``<video>``: ``Frame-1: <image>`` ... one per line."""
-    return "".join(f"Frame-{i}: {IMAGE_PLACEHOLDER}\n" for i in range(1, num_frames + 1))
 
 
 _VIDEO_PLACEHOLDER_LINE = re.compile(re.escape(VIDEO_PLACEHOLDER) + r"\n?")

@@ -25,8 +25,7 @@ from internvl.constants import (
     IMG_START_TOKEN,
     VIDEO_PLACEHOLDER,
 )
-from internvl.conversation import get_conv_template
-from internvl.data.dataset import video_frame_prompt
+from internvl.conversation import get_conv_template, video_frame_prompt
 from internvl.model.configuration import InternVLChatConfig
 from internvl.model.vision import InternVisionModel
 
