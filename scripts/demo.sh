@@ -35,6 +35,7 @@ MODEL_PATH="$MODEL_DIR" META_PATH="$DATA_DIR/meta.json" OUTPUT_DIR="$OUTPUT_DIR"
 step=5
 if [[ -f scripts/evaluate_internvl3.py ]]; then
   echo "== $step/6 Evaluation of the fine-tuned model -> $OUTPUT_DIR/eval"
+  rm -rf "$OUTPUT_DIR/eval"  # the evaluator resumes an existing folder; this is a new adapter
   "$PYTHON" scripts/evaluate_internvl3.py --model "$OUTPUT_DIR" --meta-path "$DATA_DIR/meta.json" \
     --output-dir "$OUTPUT_DIR/eval" --load-in-4bit --num-frames 4 --device cpu
 fi
@@ -44,9 +45,11 @@ if [[ -f scripts/merge_lora.py ]]; then
   "$PYTHON" scripts/merge_lora.py "$OUTPUT_DIR" "$MERGED_DIR" --overwrite
 fi
 
+first_loss=$(grep -m1 '^step ' "$OUTPUT_DIR/training_log.txt" | sed 's/.*| loss \([^ ]*\) |.*/\1/')
+last_loss=$(grep '^step ' "$OUTPUT_DIR/training_log.txt" | tail -n 1 | sed 's/.*| loss \([^ ]*\) |.*/\1/')
 cat <<SUMMARY
 
-Demo finished.
+Demo finished. Training loss: $first_loss at the first logged step, $last_loss at the last.
   tiny model        $MODEL_DIR
   demo videos       $RAW_DIR
   training data     $DATA_DIR/meta.json

@@ -8,23 +8,9 @@ from pathlib import Path
 import pytest
 
 from internvl.train.arguments import CONFIGS_DIR, parse_args, resolve_deepspeed_config
+from test_train_e2e import guide_training_args
 
-# The fine-tuning command of the users' guide, argument for argument.
-GUIDE_ARGS = [
-    "--model_name_or_path", "models/InternVL3-8B", "--conv_style", "internvl2_5", "--use_fast_tokenizer", "False",
-    "--output_dir", "work_dirs/internvl3_8b_4bit_lora", "--meta_path", "internvl3_data/meta.json",
-    "--overwrite_output_dir", "True", "--force_image_size", "448", "--max_dynamic_patch", "12",
-    "--down_sample_ratio", "0.5", "--drop_path_rate", "0.0", "--freeze_llm", "True", "--freeze_mlp", "True",
-    "--freeze_backbone", "True", "--use_llm_lora", "32", "--vision_select_layer", "-1",
-    "--dataloader_num_workers", "4", "--bf16", "True", "--num_train_epochs", "3",
-    "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4", "--evaluation_strategy", "steps",
-    "--eval_steps", "100", "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "2",
-    "--learning_rate", "2e-5", "--weight_decay", "0.05", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
-    "--logging_steps", "10", "--max_seq_length", "8192", "--do_train", "True", "--do_eval", "True",
-    "--grad_checkpoint", "True", "--group_by_length", "True", "--dynamic_image_size", "True",
-    "--use_thumbnail", "True", "--ps_version", "v2", "--deepspeed", "zero_stage3_config.json",
-    "--report_to", "tensorboard",
-]  # fmt: skip
+GUIDE_ARGS = guide_training_args()
 
 MINIMAL = ["--model_name_or_path", "m", "--meta_path", "meta.json", "--output_dir", "out"]
 

@@ -81,6 +81,7 @@ def test_training_log_lines(tmp_path):
                   "samples_per_second": 3.25, "peak_gpu_memory_gib": 12.5}  # fmt: skip
     log.on_log(None, state(10, 0), None, logs=train_logs)
     log.on_log(None, state(10, 0), None, logs={"eval_loss": 0.987, "epoch": 0.25})
+    log.on_log(None, state(50, 0), None, logs={"loss": 0.5, "learning_rate": 1e-5})
     log.on_log(None, state(50, 0), None, logs={"train_runtime": 61.0, "train_loss": 1.1})
     lines = (tmp_path / TRAINING_LOG_NAME).read_text().splitlines()
     assert lines[0].startswith("# ") and "starting, 50 optimizer steps" in lines[0]
@@ -89,7 +90,19 @@ def test_training_log_lines(tmp_path):
         "samples/s 3.250 | peak_gpu_mem 12.50 GiB"
     )
     assert lines[2] == "eval  step 10/50 | eval_loss 0.9870"
-    assert lines[3] == "# done: 50 steps in 61.0 s, mean loss 1.1000"
+    # Mean over optimizer steps: 10 steps at 1.23456 and 40 at 0.5.
+    assert lines[4] == "# done: step 50/50, 50 steps in 61.0 s this run, mean loss 0.6469"
+
+
+def test_mean_loss_of_a_resumed_run_covers_its_own_steps(tmp_path):
+    log = TrainingLogCallback(tmp_path)
+    log.on_train_begin(None, state(40, 0), None)
+    log.on_log(None, state(45, 0), None, logs={"loss": 2.0})
+    log.on_log(None, state(50, 0), None, logs={"loss": 1.0})
+    log.on_log(None, state(50, 0), None, logs={"train_runtime": 5.0, "train_loss": 0.3})
+    lines = (tmp_path / TRAINING_LOG_NAME).read_text().splitlines()
+    assert "resuming at step 40" in lines[0]
+    assert lines[-1] == "# done: step 50/50, 10 steps in 5.0 s this run, mean loss 1.5000"
 
 
 def test_training_log_on_cpu_and_on_other_ranks(tmp_path):

@@ -58,9 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def guide_command() -> list[str]:
+    return shlex.split(GUIDE_COMMAND.replace("\\\n", " "))
+
+
+def guide_training_args() -> list[str]:
+    """The guide command's arguments to the training script."""
+    argv = guide_command()
+    return argv[argv.index("internvl/train/internvl_chat_finetune.py") + 1 :]
+
+
 def guide_argv(**values: str) -> list[str]:
     """The guide command with some flag values replaced (``master_port="123"`` sets ``--master_port=123``)."""
-    argv = shlex.split(GUIDE_COMMAND.replace("\\\n", " "))
+    argv = guide_command()
     assert argv[0] == "torchrun"
     argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     for name, value in values.items():

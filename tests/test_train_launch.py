@@ -12,6 +12,7 @@ import pytest
 
 from internvl.train.arguments import parse_args
 from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan
+from test_train_e2e import guide_training_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,24 @@ def test_guide_defaults_on_two_gpus():
     assert command[:3] == ["python", "-m", "torch.distributed.run"]
     assert flag(command, "--nproc_per_node") == "2" and flag(command, "--master_port") == "34229"
     assert str(FINETUNE_SCRIPT) in command
+
+
+def test_default_launch_means_the_guide_command(tmp_path):
+    """Spelled with the new flag names, the launcher's default run is the guide's, except that it resumes instead
+    of overwriting the output folder."""
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+    guide = guide_training_args()
+    guide[guide.index("--meta_path") + 1] = str(meta)
+    plan = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2)
+    launched, expected = parse_args(plan.train_args), parse_args(guide)
+    assert launched[:2] == expected[:2]  # model and data arguments
+    launched_training, expected_training = launched[2].to_dict(), expected[2].to_dict()
+    assert expected_training.pop("overwrite_output_dir") and not launched_training.pop("overwrite_output_dir")
+    # The guide spells two of them the old way; both land on the same new fields.
+    for old_spelling in ("evaluation_strategy", "warmup_ratio"):
+        launched_training.pop(old_spelling), expected_training.pop(old_spelling)
+    assert launched_training == expected_training
 
 
 def test_environment_overrides_and_derived_gradient_accumulation():

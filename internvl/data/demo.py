@@ -12,7 +12,6 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -80,6 +79,8 @@ def render_frames(items: list[MovingShape], *, frames: int, size: int) -> list[I
 
 def encode_mp4(images: list[Image.Image], path: str | Path, *, fps: int) -> None:
     """Encode RGB frames as an MP4 (H.264 when available), written atomically."""
+    import av  # imported here so that training without PyAV (frame folders) never needs it
+
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     width, height = images[0].size
     with atomic_path(path) as tmp_path:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -104,7 +105,8 @@ class InternVLTrainingArguments(TrainingArguments):
 
     def _apply_older_spellings(self) -> None:
         if self.evaluation_strategy is not None:
-            if str(self.eval_strategy) not in ("no", str(self.evaluation_strategy)):
+            current = IntervalStrategy(self.eval_strategy).value
+            if current not in ("no", IntervalStrategy(self.evaluation_strategy).value):
                 raise ValueError(
                     f"--evaluation_strategy {self.evaluation_strategy} contradicts --eval_strategy "
                     f"{self.eval_strategy}; pass only one of them."

@@ -88,6 +88,10 @@ class TrainingLogCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / TRAINING_LOG_NAME
+        # Loss summed over this session's optimizer steps (the trainer's own train_loss divides by every step
+        # since the start of training, so it is too small after a resume).
+        self._loss_sum = 0.0
+        self._first_step = self._last_step = 0
 
     def _write(self, line: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +99,7 @@ class TrainingLogCallback(TrainerCallback):
             f.write(line + "\n")
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._loss_sum, self._first_step, self._last_step = 0.0, state.global_step, state.global_step
         if state.is_world_process_zero:
             start = f"resuming at step {state.global_step}" if state.global_step else "starting"
             self._write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {start}, {state.max_steps} optimizer steps in all")
@@ -103,11 +108,16 @@ class TrainingLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
+            # The logged loss is the mean over the steps since the previous log.
+            self._loss_sum += logs["loss"] * (state.global_step - self._last_step)
+            self._last_step = state.global_step
             self._write(format_train_line(state.global_step, state.max_steps, logs))
         elif "eval_loss" in logs:
             self._write(f"eval  step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}")
         elif "train_runtime" in logs:
+            steps = self._last_step - self._first_step
+            mean = f"{self._loss_sum / steps:.4f}" if steps else "n/a"
             self._write(
-                f"# done: {state.global_step} steps in {logs['train_runtime']:.1f} s, "
-                f"mean loss {logs.get('train_loss', float('nan')):.4f}"
+                f"# done: step {state.global_step}/{state.max_steps}, {steps} steps in {logs['train_runtime']:.1f} s "
+                f"this run, mean loss {mean}"
             )

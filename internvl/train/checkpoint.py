@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,16 +42,19 @@ def gather_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tenso
     """CPU copies of all trainable parameters, gathered from their ZeRO-3 partitions. Call it on every rank."""
     state = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
+        if param.requires_grad:
+            with _gathered(param):
                 state[name] = param.detach().to("cpu", copy=True)
-        else:
-            state[name] = param.detach().to("cpu", copy=True)
     return state
+
+
+def _gathered(param: torch.nn.Parameter):
+    """The whole parameter for the duration of the block (ZeRO-3 keeps only a partition of it per rank)."""
+    if not hasattr(param, "ds_id"):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 def _is_adapter_tensor(name: str) -> bool:
@@ -68,8 +72,8 @@ def save_trained_weights(
         if not isinstance(submodule, PeftModel):
             continue
         prefix = f"{attr}."
-        adapter_state = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)
-                         and _is_adapter_tensor(k)}
+        adapter_keys = [k for k in remaining if k.startswith(prefix) and _is_adapter_tensor(k)]
+        adapter_state = {k.removeprefix(prefix): remaining.pop(k) for k in adapter_keys}
         for config in submodule.peft_config.values():
             config.base_model_name_or_path = base_model_path
         _save_peft_adapter(submodule, adapter_state, output_dir / folder)

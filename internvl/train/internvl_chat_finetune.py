@@ -220,7 +220,8 @@ def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = InternVLTrainer) -> None:
+    """Train and/or evaluate; ``trainer_class`` lets a benchmark measure the very same run."""
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parse_args(argv)
     check_arguments(model_args, training_args)
@@ -256,14 +257,14 @@ def main(argv: list[str] | None = None) -> None:
         max_seq_length=data_args.max_seq_length,
         seed=training_args.seed,
     )
-    evaluating = training_args.do_eval or str(training_args.eval_strategy) != "no"
+    evaluating = training_args.do_eval or training_args.eval_strategy != "no"  # a str enum
     if evaluating and eval_dataset is None:
         raise ValueError(
             f"Evaluation was requested (--do_eval / --eval_strategy) but {data_args.meta_path} lists no evaluation "
             "dataset (a name ending in '_val'); add one, or drop --do_eval and set --eval_strategy no."
         )
 
-    trainer = InternVLTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,

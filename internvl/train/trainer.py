@@ -27,11 +27,15 @@ def _adapters_visible_to_quantization_check(model):
     the flag also changes ``save_pretrained``, so it does not stay set."""
     if not any(param.requires_grad for param in model.parameters()):
         raise ValueError("The model has no trainable parameters: nothing to fine-tune.")
+    previous = model.__dict__.get("_hf_peft_config_loaded")
     model._hf_peft_config_loaded = True
     try:
         yield
     finally:
-        del model._hf_peft_config_loaded
+        if previous is None:
+            del model._hf_peft_config_loaded
+        else:
+            model._hf_peft_config_loaded = previous
 
 
 class InternVLTrainer(Trainer):
