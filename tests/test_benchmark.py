@@ -1,0 +1,123 @@
+"""The training benchmark: FLOP-count parameter totals, the torchrun command it builds, and a real 2-process CPU
+run whose JSON report is checked against the batch shape and an independently built sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl.train.benchmark import (
+    DEFAULT_MODEL_CONFIG,
+    BenchmarkSettings,
+    benchmark_command,
+    llm_linear_parameters,
+    llm_lora_parameters,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LORA_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_parameter_counts_of_the_flop_formula_match_the_model():
+    from internvl.model.internvl_chat import InternVLChatModel
+    from internvl.model.tiny import tiny_config
+
+    model = InternVLChatModel(tiny_config())
+    llm_config = model.config.llm_config
+    projection_weights = sum(
+        module.weight.numel()
+        for name, module in model.language_model.named_modules()
+        if name.endswith(LORA_TARGET_SUFFIXES)
+    )
+    assert llm_linear_parameters(llm_config) == projection_weights
+
+    model.language_model.requires_grad_(False)
+    model.wrap_llm_lora(r=8)
+    lora_weights = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" in n)
+    assert llm_lora_parameters(llm_config, 8) == lora_weights
+
+
+def test_flop_formula_on_the_8b_config_counts_the_qwen2_5_7b_layers():
+    from internvl.model.configuration import InternVLChatConfig
+
+    config = InternVLChatConfig(**json.loads(Path(DEFAULT_MODEL_CONFIG).read_text()))
+    # Qwen2.5-7B: 7.07e9 matmul weights, of which 0.545e9 are the LM head.
+    assert llm_linear_parameters(config.llm_config) == pytest.approx(7.07e9 - 0.545e9, rel=0.01)
+    # r=32 on all seven projections of 28 layers: about 80.7M trainable parameters.
+    assert llm_lora_parameters(config.llm_config, 32) == pytest.approx(80.7e6, rel=0.01)
+
+
+def test_benchmark_runs_the_guide_flags_with_its_overrides(tmp_path):
+    settings = BenchmarkSettings(
+        deepspeed="zero_stage2_config.json", nproc_per_node=2, per_device_batch_size=3, gradient_accumulation_steps=5,
+        frames=12, max_seq_length=6000, steps=2, warmup_steps=1, load_in_4bit=False, work_dir=str(tmp_path),
+        recipe_args=["--dataloader_num_workers", "1"],
+    )  # fmt: skip
+    command, env, plan = benchmark_command(settings, tmp_path / "ckpt", tmp_path / "meta.json", tmp_path / "r.json")
+    assert command[command.index("-m", 3) + 1] == "internvl.train.benchmark"
+    assert command[command.index("--nproc_per_node") + 1] == "2"
+    recipe = command[command.index("--") + 1 :]
+    assert recipe == plan.train_args
+
+    def value(flag):  # the last occurrence wins, as in argparse
+        return recipe[len(recipe) - 1 - recipe[::-1].index(flag) + 1]
+
+    assert value("--per_device_train_batch_size") == "3"
+    assert value("--gradient_accumulation_steps") == "5"
+    assert value("--max_steps") == "3"
+    assert value("--min_num_frame") == value("--max_num_frame") == "12"
+    assert value("--max_seq_length") == "6000"
+    assert value("--load_in_4bit") == "False"
+    assert value("--use_llm_lora") == "32"
+    assert value("--dataloader_num_workers") == "1"
+    assert value("--deepspeed") == "zero_stage2_config.json"
+    assert value("--model_name_or_path") == str(tmp_path / "ckpt")
+
+
+def test_cpu_run_reports_figures_consistent_with_the_batches(tmp_path):
+    from internvl.data.dataset import build_datasets
+    from internvl.model.loading import load_tokenizer
+
+    output = tmp_path / "report.json"
+    command = [
+        sys.executable, str(REPO / "scripts" / "benchmark_training.py"),
+        "--model-config", "tiny", "--nproc-per-node", "2", "--deepspeed", "zero_stage3_config.json",
+        "--per-device-batch-size", "1", "--grad-accum", "2", "--frames", "2", "--max-seq-length", "2048",
+        "--steps", "1", "--warmup-steps", "1", "--work-dir", str(tmp_path / "work"), "--name", "cpu",
+        "--output", str(output), "--", "--dataloader_num_workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert report["status"] == "ok"
+    run, results = report["run"], report["results"]
+    assert (run["world_size"], run["zero_stage"], run["offload_param"]) == (2, 3, "cpu")
+    assert run["load_in_4bit"] and run["lora_rank"] == 32 and run["gradient_checkpointing"]
+
+    # One sample built here from the same data: every sample has its length and supervised-token count.
+    work = tmp_path / "work"
+    tokenizer = load_tokenizer(work / "checkpoint-tiny")
+    train, _ = build_datasets(work / "videos-cpu" / "meta.json", tokenizer, min_num_frame=2, max_num_frame=2,
+                              max_seq_length=2048)  # fmt: skip
+    sample = train[0]
+    length = len(sample["input_ids"])
+    assert results["samples_per_step"] == 1 * 2 * 2
+    assert results["tokens_per_sample"] == length
+    assert results["tokens_per_step"] == 4 * length
+    assert results["supervised_tokens_per_sample"] == int((sample["labels"] != -100).sum())
+    assert results["frames_per_sample"] == 2
+
+    assert len(results["step_times_s"]) == 2 and results["measured_steps"] == 1
+    step = results["step_time_s"]
+    assert step == results["step_times_s"][-1] > 0
+    assert results["tokens_per_second_per_gpu"] == pytest.approx(4 * length / step / 2)
+    assert results["samples_per_second"] == pytest.approx(4 / step)
+    assert 0 <= results["dataloader_wait_share"] < 1
+    assert 0 < results["mfu"] < 1 and results["flops_per_step"] > 0
+    assert math.isfinite(results["loss"])
+    assert "peak_gpu_memory_gib" not in results  # no GPU here
