@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 export PYTHON
 
-MODEL_DIR=models/tiny-internvl3
-RAW_DIR=internvl3_data/demo_videos
-DATA_DIR=internvl3_data/demo
-OUTPUT_DIR=work_dirs/demo_tiny_internvl3_4bit_lora
-MERGED_DIR=work_dirs/demo_tiny_internvl3_merged
+# Everything is written below DEMO_ROOT (default: the repository, in its git-ignored folders).
+DEMO_ROOT="${DEMO_ROOT:-.}"
+MODEL_DIR="$DEMO_ROOT/models/tiny-internvl3"
+RAW_DIR="$DEMO_ROOT/internvl3_data/demo_videos"
+DATA_DIR="$DEMO_ROOT/internvl3_data/demo"
+OUTPUT_DIR="$DEMO_ROOT/work_dirs/demo_tiny_internvl3_4bit_lora"
+MERGED_DIR="$DEMO_ROOT/work_dirs/demo_tiny_internvl3_merged"
 
 echo "== 1/6 Tiny InternVL3 checkpoint -> $MODEL_DIR"
 "$PYTHON" scripts/create_tiny_model.py --output-dir "$MODEL_DIR"
@@ -32,18 +34,13 @@ MODEL_PATH="$MODEL_DIR" META_PATH="$DATA_DIR/meta.json" OUTPUT_DIR="$OUTPUT_DIR"
   bash scripts/quick_start_internvl3_4bit_lora.sh --overwrite_output_dir True --min_num_frame 4 --max_num_frame 4 \
   --max_seq_length 2048 --logging_steps 2 --eval_steps 8 --save_steps 8 --dataloader_num_workers 1
 
-step=5
-if [[ -f scripts/evaluate_internvl3.py ]]; then
-  echo "== $step/6 Evaluation of the fine-tuned model -> $OUTPUT_DIR/eval"
-  rm -rf "$OUTPUT_DIR/eval"  # the evaluator resumes an existing folder; this is a new adapter
-  "$PYTHON" scripts/evaluate_internvl3.py --model "$OUTPUT_DIR" --meta-path "$DATA_DIR/meta.json" \
-    --output-dir "$OUTPUT_DIR/eval" --load-in-4bit --num-frames 4 --device cpu
-fi
-step=6
-if [[ -f scripts/merge_lora.py ]]; then
-  echo "== $step/6 Merge the adapter into a full checkpoint -> $MERGED_DIR"
-  "$PYTHON" scripts/merge_lora.py "$OUTPUT_DIR" "$MERGED_DIR" --overwrite
-fi
+echo "== 5/6 Evaluation of the fine-tuned model -> $OUTPUT_DIR/eval"
+rm -rf "$OUTPUT_DIR/eval"  # the evaluator resumes an existing folder; this is a new adapter
+"$PYTHON" scripts/evaluate_internvl3.py --model "$OUTPUT_DIR" --meta-path "$DATA_DIR/meta.json" \
+  --output-dir "$OUTPUT_DIR/eval" --load-in-4bit --num-frames 4 --device cpu
+
+echo "== 6/6 Merge the adapter into a full checkpoint -> $MERGED_DIR"
+"$PYTHON" scripts/merge_lora.py "$OUTPUT_DIR" "$MERGED_DIR" --overwrite
 
 first_loss=$(grep -m1 '^step ' "$OUTPUT_DIR/training_log.txt" | sed 's/.*| loss \([^ ]*\) |.*/\1/')
 last_loss=$(grep '^step ' "$OUTPUT_DIR/training_log.txt" | tail -n 1 | sed 's/.*| loss \([^ ]*\) |.*/\1/')
@@ -53,8 +50,8 @@ Demo finished. Training loss: $first_loss at the first logged step, $last_loss a
   tiny model        $MODEL_DIR
   demo videos       $RAW_DIR
   training data     $DATA_DIR/meta.json
-  adapter + logs    $OUTPUT_DIR   (adapter_model.safetensors, training_log.txt, runs/ for TensorBoard)
-  evaluation        $OUTPUT_DIR/eval
+  adapter + logs    $OUTPUT_DIR   (adapter_model.safetensors, training_log.txt, loss_curves.png, runs/ for TensorBoard)
+  evaluation        $OUTPUT_DIR/eval   (report.md, metrics.json, predictions.jsonl)
   merged model      $MERGED_DIR
 Loss per step: $OUTPUT_DIR/training_log.txt
 SUMMARY

@@ -175,6 +175,7 @@ def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (32, 64, 0.05)
     assert (output_dir / "tokenizer_config.json").is_file()
     assert list(output_dir.glob("runs/*/events.out.tfevents.*"))
+    assert (output_dir / "loss_curves.png").stat().st_size > 0
     run_args = json.loads((output_dir / "run_args.json").read_text())
     assert run_args["training_args"]["train_sampling_strategy"] == "group_by_length"
     assert run_args["model_args"]["load_in_4bit"] is True

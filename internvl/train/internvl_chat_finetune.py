@@ -33,6 +33,7 @@ from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import build_datasets
 from internvl.data.files import atomic_write_text
 from internvl.model.loading import load_internvl_model, load_tokenizer
+from internvl.tools.plots import plot_training_curves
 from internvl.train.arguments import (
     DataTrainingArguments,
     InternVLTrainingArguments,
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         metrics["eval_bad_samples"] = count_over_ranks(eval_dataset.bad_samples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if training_args.do_train and training_args.should_save:
+        # For headless servers: the curves as a picture, without starting TensorBoard.
+        log(f"Loss curves: {plot_training_curves(output_dir)}")
     log(f"Outputs are in {output_dir}")
 
 
