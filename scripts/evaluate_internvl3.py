@@ -18,13 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from internvl.tools.evaluate import METRICS_NAME, REPORT_NAME, EvaluationConfig, run_evaluation  # noqa: E402
 from internvl.tools.metrics import METRIC_TITLES  # noqa: E402
-from internvl.tools.infer import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES  # noqa: E402
+from internvl.tools.infer import add_model_arguments  # noqa: E402
 
 
 def parse_args() -> EvaluationConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model folder or LoRA training output")
-    parser.add_argument("--base-model", type=Path, help="base model of an adapter (default: the adapter's reference)")
+    add_model_arguments(parser)
     parser.add_argument("--compare", type=Path, metavar="BASE_MODEL", help="also evaluate this model, side by side")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--meta-path", type=Path, help="meta.json whose '_val' entries are evaluated")
@@ -32,14 +31,6 @@ def parse_args() -> EvaluationConfig:
     parser.add_argument("--root", type=Path, help="folder --jsonl media paths start from (default: its folder)")
     parser.add_argument("--output-dir", type=Path, required=True, help="predictions, metrics and report go here")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames per video")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    parser.add_argument("--device", help="e.g. cuda:1 or cpu (default: first GPU if any)")
     args = parser.parse_args()
     if args.root is not None and args.jsonl is None:
         parser.error("--root goes with --jsonl (meta.json entries carry their own root)")

@@ -13,37 +13,19 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from internvl.tools.infer import (  # noqa: E402
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_NUM_FRAMES,
-    generation_config,
-    summarize,
-)
+from internvl.tools.infer import DTYPES, add_model_arguments, generation_config, summarize  # noqa: E402
 from internvl.tools.merge import load_model_for_inference  # noqa: E402
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model folder or LoRA training output")
-    parser.add_argument("--base-model", type=Path, help="base model of an adapter (default: the adapter's reference)")
+    add_model_arguments(parser)
     media = parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", type=Path, help="video file, GIF, or folder of <name>_<index>.jpg frames")
     media.add_argument("--image", type=Path, help="image file")
     parser.add_argument("--prompt", help="question or instruction (default: the training summary prompt)")
-    parser.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled from a video")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    parser.add_argument("--device", help="e.g. cuda:1 or cpu (default: first GPU if any)")
     args = parser.parse_args()
 
     model, tokenizer, source = load_model_for_inference(

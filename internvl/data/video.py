@@ -272,9 +272,11 @@ def _open_decord(path):
         raise VideoDecodeError(f"{path}: decord cannot open it as a video ({error})") from error
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, path: str | os.PathLike) -> None:
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of {', '.join(VIDEO_BACKENDS)}")
+    if is_frame_folder(path) or str(path).lower().endswith(".gif"):
+        return  # read with PIL: the backend's package is not needed
     module = {"pyav": "av", "decord": "decord", "opencv": "cv2"}[backend]
     try:
         __import__(module)
@@ -312,7 +314,7 @@ def _decode(path, backend: str, keep: set[int] | None, stop_after: int | None) -
 
 def probe_video(path: str | os.PathLike, backend: str = "pyav") -> VideoInfo:
     """Decode ``path`` completely and report what it really holds."""
-    _check_backend(backend)
+    _check_backend(backend, path)
     path_str = str(path)
     if not is_frame_folder(path) and not os.path.isfile(path):
         raise VideoDecodeError(f"{path}: file not found")
@@ -375,7 +377,7 @@ def read_video_frames(
 
 def read_frames_at(path: str | os.PathLike, indices: list[int], *, backend: str = "pyav") -> list[Image.Image]:
     """The RGB frames at ``indices`` (0-based, in decoding order; repeats allowed)."""
-    _check_backend(backend)
+    _check_backend(backend, path)
     if backend == "decord" and not is_frame_folder(path) and not str(path).lower().endswith(".gif"):
         # decord reads by index directly instead of decoding up to the last wanted frame.
         reader = _open_decord(path)

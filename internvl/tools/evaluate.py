@@ -32,6 +32,7 @@ from internvl.data.files import atomic_write_text
 from internvl.data.video import VideoDecodeError
 from internvl.tools.infer import (
     DEFAULT_MAX_NEW_TOKENS,
+    DTYPES,
     DEFAULT_NUM_FRAMES,
     generate_answers,
     generation_config,
@@ -300,10 +301,9 @@ def _check_resume(config: EvaluationConfig, settings: dict) -> None:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {name!r}")
-    return dtypes[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _free(model) -> None:

@@ -7,6 +7,7 @@ dynamic tiles with a thumbnail, as the checkpoint's config says.
 
 from __future__ import annotations
 
+import argparse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,21 @@ from internvl.data.video import is_frame_folder, probe_video, read_video_frames
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_IMAGE_PROMPT = "Describe this image in detail."
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and decoding options shared by the inference and evaluation CLIs."""
+    parser.add_argument("--model", type=Path, required=True, help="model folder or LoRA training output")
+    parser.add_argument("--base-model", type=Path, help="base model of an adapter (default: the adapter's reference)")
+    parser.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--device", help="e.g. cuda:1 or cpu (default: first GPU if any)")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 

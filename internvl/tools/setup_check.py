@@ -1141,20 +1141,7 @@ class SetupChecker:
         num_image_token = int((data_args.force_image_size // patch) ** 2 * self.model_config.downsample_ratio**2)
         try:
             train, _ = build_datasets(
-                s.meta_path,
-                self.tokenizer,
-                template_name=data_args.conv_style,
-                num_image_token=num_image_token,
-                image_size=data_args.force_image_size,
-                dynamic_image_size=data_args.dynamic_image_size,
-                use_thumbnail=data_args.use_thumbnail,
-                min_dynamic_patch=data_args.min_dynamic_patch,
-                max_dynamic_patch=data_args.max_dynamic_patch,
-                min_num_frame=data_args.min_num_frame,
-                max_num_frame=data_args.max_num_frame,
-                pad2square=data_args.pad2square,
-                normalize_type=data_args.normalize_type,
-                max_seq_length=data_args.max_seq_length,
+                s.meta_path, self.tokenizer, num_image_token=num_image_token, **data_args.dataset_options()
             )
             # The longest samples by the dataset's own length estimates: the batch most likely to hit the limit.
             candidates = [(length, part, index) for part in train.datasets for index, length in enumerate(part.lengths)]

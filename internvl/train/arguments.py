@@ -66,6 +66,22 @@ class DataTrainingArguments:
         default="imagenet", metadata={"help": "Pixel normalisation.", "choices": ["imagenet", "clip", "siglip"]}
     )
 
+    def dataset_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``internvl.data.dataset.build_datasets`` these flags set."""
+        return dict(
+            template_name=self.conv_style,
+            image_size=self.force_image_size,
+            dynamic_image_size=self.dynamic_image_size,
+            use_thumbnail=self.use_thumbnail,
+            min_dynamic_patch=self.min_dynamic_patch,
+            max_dynamic_patch=self.max_dynamic_patch,
+            min_num_frame=self.min_num_frame,
+            max_num_frame=self.max_num_frame,
+            pad2square=self.pad2square,
+            normalize_type=self.normalize_type,
+            max_seq_length=self.max_seq_length,
+        )
+
 
 @dataclass
 class InternVLTrainingArguments(TrainingArguments):

@@ -244,19 +244,9 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
     train_dataset, eval_dataset = build_datasets(
         data_args.meta_path,
         tokenizer,
-        template_name=data_args.conv_style,
         num_image_token=model.num_image_token,
-        image_size=data_args.force_image_size,
-        dynamic_image_size=data_args.dynamic_image_size,
-        use_thumbnail=data_args.use_thumbnail,
-        min_dynamic_patch=data_args.min_dynamic_patch,
-        max_dynamic_patch=data_args.max_dynamic_patch,
-        min_num_frame=data_args.min_num_frame,
-        max_num_frame=data_args.max_num_frame,
-        pad2square=data_args.pad2square,
-        normalize_type=data_args.normalize_type,
-        max_seq_length=data_args.max_seq_length,
         seed=training_args.seed,
+        **data_args.dataset_options(),
     )
     evaluating = training_args.do_eval or training_args.eval_strategy != "no"  # a str enum
     if evaluating and eval_dataset is None:
