@@ -95,24 +95,17 @@ register_conv_template(
         sep="<|im_end|>\n",
     )
 )
-register_conv_template(
-    Conversation(
-        name="Hermes-2",
-        system_template="<|im_start|>system\n{system_message}",
-        system_message=LEGACY_INTERNVL_SYSTEM_MESSAGE,
-        roles=_CHATML_ROLES,
-        sep="<|im_end|>",
+# The older InternVL2 templates: the same ChatML text without the newline after <|im_end|>.
+for _name in ("Hermes-2", "internlm2-chat"):
+    register_conv_template(
+        Conversation(
+            name=_name,
+            system_template="<|im_start|>system\n{system_message}",
+            system_message=LEGACY_INTERNVL_SYSTEM_MESSAGE,
+            roles=_CHATML_ROLES,
+            sep="<|im_end|>",
+        )
     )
-)
-register_conv_template(
-    Conversation(
-        name="internlm2-chat",
-        system_template="<|im_start|>system\n{system_message}",
-        system_message=LEGACY_INTERNVL_SYSTEM_MESSAGE,
-        roles=_CHATML_ROLES,
-        sep="<|im_end|>",
-    )
-)
 register_conv_template(
     Conversation(
         name="phi3-chat",

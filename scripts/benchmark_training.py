@@ -33,8 +33,12 @@ from internvl.train.benchmark import (  # noqa: E402
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s [options] [-- RECIPE ARGS]")
-    parser.add_argument("--deepspeed", default="zero_stage3_config.json", help="DeepSpeed config: a path or a name in configs/ (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], usage="%(prog)s [options] [-- RECIPE ARGS]"
+    )
+    parser.add_argument(
+        "--deepspeed", default="zero_stage3_config.json", help="a path or a name in configs/ (default: %(default)s)"
+    )
     parser.add_argument("--nproc-per-node", type=int, help="processes (default: the visible GPUs, or 2 CPU processes)")
     parser.add_argument("--per-device-batch-size", type=int, default=4, help="default: %(default)s")
     parser.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps (default: %(default)s)")
@@ -42,13 +46,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-seq-length", type=int, default=8192, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="unmeasured first steps (default: %(default)s)")
-    parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True, help="NF4 LLM (QLoRA); --no-load-in-4bit: bf16 LoRA")
-    parser.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="same as --no-load-in-4bit")
+    parser.add_argument(
+        "--load-in-4bit", action=argparse.BooleanOptionalAction, default=True, help="NF4 LLM (QLoRA; default)"
+    )
+    parser.add_argument("--no-4bit", dest="load_in_4bit", action="store_false", help="bf16 LoRA")
     parser.add_argument("--lora-rank", type=int, default=32, help="default: %(default)s")
-    parser.add_argument("--gpu-memory-cap-gb", type=float, help="cap each process's PyTorch GPU memory at this many GiB")
-    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="per-GPU peak for MFU (default: %(default)s, H100/H200 dense BF16)")
-    parser.add_argument("--model-config", default=str(DEFAULT_MODEL_CONFIG), help="model config.json, or 'tiny' (default: InternVL3-8B)")
-    parser.add_argument("--work-dir", default="work_dirs/benchmark", help="checkpoint, videos and run folders (default: %(default)s)")
+    parser.add_argument("--gpu-memory-cap-gb", type=float, help="cap each process's PyTorch memory (GiB)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="per-GPU peak for MFU (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model-config", default=str(DEFAULT_MODEL_CONFIG), help="model config.json or 'tiny' (default: InternVL3-8B)"
+    )
+    parser.add_argument("--work-dir", default="work_dirs/benchmark", help="inputs and runs (default: %(default)s)")
     parser.add_argument("--name", default="run", help="run name, used for its files (default: %(default)s)")
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv[:split])

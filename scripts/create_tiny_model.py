@@ -19,7 +19,10 @@ def main() -> None:
     parser.add_argument("--output-dir", required=True, type=Path, help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same bytes)")
     args = parser.parse_args()
-    output_dir = create_tiny_model(args.output_dir, seed=args.seed)
+    try:
+        output_dir = create_tiny_model(args.output_dir, seed=args.seed)
+    except OSError as error:
+        sys.exit(f"error: cannot write the checkpoint to {args.output_dir}: {error}")
     size_mb = sum(path.stat().st_size for path in output_dir.iterdir()) / 2**20
     print(f"tiny InternVL3 checkpoint written to {output_dir} ({size_mb:.1f} MB)")
 

@@ -26,9 +26,14 @@ def main() -> None:
     )
     parser.add_argument("--fps", type=int, default=12, help="frame rate (default: %(default)s)")
     args = parser.parse_args()
-    output_dir = make_demo_videos(
-        args.output_dir, num_videos=args.num_videos, seed=args.seed, frames=args.frames, size=args.size, fps=args.fps
-    )
+    try:
+        output_dir = make_demo_videos(
+            args.output_dir, num_videos=args.num_videos, seed=args.seed, frames=args.frames, size=args.size, fps=args.fps
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    except OSError as error:
+        sys.exit(f"error: cannot write the demo videos to {args.output_dir}: {error}")
     print(f"wrote {args.num_videos} demo videos and {ANNOTATIONS_FILE} to {output_dir}")
 
 

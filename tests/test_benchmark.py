@@ -120,4 +120,5 @@ def test_cpu_run_reports_figures_consistent_with_the_batches(tmp_path):
     assert 0 <= results["dataloader_wait_share"] < 1
     assert 0 < results["mfu"] < 1 and results["flops_per_step"] > 0
     assert math.isfinite(results["loss"])
+    assert results["bad_samples"] == 0
     assert "peak_gpu_memory_gib" not in results  # no GPU here

@@ -183,48 +183,45 @@ def _expand_video(conversations: list[dict], num_frames: int) -> list[dict]:
     return expanded
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    """How records become samples: the keyword arguments of ``build_datasets`` (the training flags of the same
+    names; ``template_name`` is ``--conv_style``, ``image_size`` is ``--force_image_size``)."""
+
+    template_name: str = "internvl2_5"
+    num_image_token: int = 256
+    image_size: int = 448
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    min_num_frame: int = 8
+    max_num_frame: int = 32
+    max_seq_length: int = 8192
+    normalize_type: str = "imagenet"
+    pad2square: bool = False
+    video_backend: str = "pyav"
+
+    def __post_init__(self):
+        if not 1 <= self.min_num_frame <= self.max_num_frame:
+            raise ValueError(
+                f"need 1 <= min_num_frame <= max_num_frame, got {self.min_num_frame} and {self.max_num_frame}"
+            )
+        if self.video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {self.video_backend!r}")
+
+
 class LazySupervisedDataset(torch.utils.data.Dataset):
     """The records of one ``meta.json`` entry, turned into samples on access."""
 
-    def __init__(
-        self,
-        spec: DatasetSpec,
-        tokenizer,
-        *,
-        frame_sampling: str,
-        template_name: str = "internvl2_5",
-        num_image_token: int = 256,
-        image_size: int = 448,
-        dynamic_image_size: bool = True,
-        use_thumbnail: bool = True,
-        min_dynamic_patch: int = 1,
-        max_dynamic_patch: int = 12,
-        min_num_frame: int = 8,
-        max_num_frame: int = 32,
-        max_seq_length: int = 8192,
-        normalize_type: str = "imagenet",
-        pad2square: bool = False,
-        video_backend: str = "pyav",
-    ):
-        if not 1 <= min_num_frame <= max_num_frame:
-            raise ValueError(f"need 1 <= min_num_frame <= max_num_frame, got {min_num_frame} and {max_num_frame}")
-        if video_backend not in VIDEO_BACKENDS:
-            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS}, got {video_backend!r}")
+    def __init__(self, spec: DatasetSpec, tokenizer, options: SampleOptions, *, frame_sampling: str):
         self.spec = spec
         self.tokenizer = tokenizer
+        self.options = options
         self.frame_sampling = frame_sampling
-        self.template_name = template_name
-        self.num_image_token = num_image_token
-        self.image_size = image_size
-        self.dynamic_image_size = dynamic_image_size
-        self.use_thumbnail = use_thumbnail
-        self.min_dynamic_patch = min_dynamic_patch
-        self.max_dynamic_patch = spec.max_dynamic_patch or max_dynamic_patch
-        self.min_num_frame = min_num_frame
-        self.max_num_frame = max_num_frame
-        self.max_seq_length = max_seq_length
-        self.video_backend = video_backend
-        self.transform = build_transform(spec.data_augment, image_size, pad2square, normalize_type)
+        # The entry's own max_dynamic_patch overrides the global one.
+        self.max_dynamic_patch = spec.max_dynamic_patch or options.max_dynamic_patch
+        self.transform = build_transform(spec.data_augment, options.image_size, options.pad2square, options.normalize_type)
         self.img_end_id = image_token_ids(tokenizer)[2]
         self.records = apply_repeat_time(load_jsonl(spec.annotation), spec.repeat_time)
         self._lengths: list[int] | None = None
@@ -255,18 +252,18 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             self._lengths = [
                 int(record["length"])
                 if "length" in record
-                else min(self.max_seq_length, n + self._image_estimate(record))
+                else min(self.options.max_seq_length, n + self._image_estimate(record))
                 for record, n in zip(self.records, text_lengths)
             ]
         return self._lengths
 
     def _image_estimate(self, record: dict) -> int:
-        per_tile = self.num_image_token + 2
+        per_tile = self.options.num_image_token + 2
         if record.get("image"):
             images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            return per_tile * len(images) * (self.max_dynamic_patch + int(self.use_thumbnail))
+            return per_tile * len(images) * (self.max_dynamic_patch + int(self.options.use_thumbnail))
         if record.get("video"):
-            frames = (self.min_num_frame + self.max_num_frame) // 2
+            frames = (self.options.min_num_frame + self.options.max_num_frame) // 2
             if record.get("decoded_frames"):
                 frames = min(frames, int(record["decoded_frames"]))
             return (per_tile + 6) * frames  # + the "Frame-N: " line
@@ -285,12 +282,12 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
     def _tokenize(self, conversations, num_image_token_list, text_only=False) -> dict[str, torch.Tensor]:
         return preprocess_conversation(
-            conversations, self.tokenizer, num_image_token_list, template_name=self.template_name, text_only=text_only
+            conversations, self.tokenizer, num_image_token_list, template_name=self.options.template_name, text_only=text_only
         )
 
     def _sample(self, conversations, tiles: list[Image.Image], tiles_per_image: list[int], text_only=False):
-        tokens = self._tokenize(conversations, [self.num_image_token * n for n in tiles_per_image], text_only)
-        input_ids, labels = truncate_sample(tokens["input_ids"], tokens["labels"], self.max_seq_length, self.img_end_id)
+        tokens = self._tokenize(conversations, [self.options.num_image_token * n for n in tiles_per_image], text_only)
+        input_ids, labels = truncate_sample(tokens["input_ids"], tokens["labels"], self.options.max_seq_length, self.img_end_id)
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -303,9 +300,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             return image.convert("RGB")
 
     def _tiles(self, image: Image.Image, max_num: int) -> list[Image.Image]:
-        if not self.dynamic_image_size:
+        if not self.options.dynamic_image_size:
             return [image]
-        return dynamic_preprocess(image, self.min_dynamic_patch, max_num, self.image_size, self.use_thumbnail)
+        return dynamic_preprocess(image, self.options.min_dynamic_patch, max_num, self.options.image_size, self.options.use_thumbnail)
 
     def _image_sample(self, record: dict):
         paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
@@ -329,7 +326,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         if not is_frame_folder(path) and record.get("decoded_frames"):
             return int(record["decoded_frames"]), record.get("fps")
         if path not in self._frame_counts:
-            info = probe_video(path, self.video_backend)
+            info = probe_video(path, self.options.video_backend)
             self._frame_counts[path] = (info.num_frames, info.fps)
         return self._frame_counts[path]
 
@@ -337,25 +334,25 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         path = self.media_path(record["video"])
         conversations = _with_placeholder(record["conversations"], VIDEO_PLACEHOLDER)
         vlen, fps = self._video_length(record, path)
-        fewest = min(self.min_num_frame, vlen)
-        num_frames = min(int(rng.integers(self.min_num_frame, self.max_num_frame + 1)), vlen)
+        fewest = min(self.options.min_num_frame, vlen)
+        num_frames = min(int(rng.integers(self.options.min_num_frame, self.options.max_num_frame + 1)), vlen)
         # Drop frames until the sample fits: every frame is a whole image span, so nothing is ever cut inside one.
         while True:
             frame_conversations = _expand_video(conversations, num_frames)
-            tokens = self._tokenize(frame_conversations, [self.num_image_token] * num_frames)
-            if len(tokens["input_ids"]) <= self.max_seq_length:
+            tokens = self._tokenize(frame_conversations, [self.options.num_image_token] * num_frames)
+            if len(tokens["input_ids"]) <= self.options.max_seq_length:
                 break
             if num_frames <= fewest:
                 raise SampleTooLongError(
                     f"{len(tokens['input_ids'])} tokens with {num_frames} frames > max_seq_length "
-                    f"{self.max_seq_length}; shorten the text or raise max_seq_length"
+                    f"{self.options.max_seq_length}; shorten the text or raise max_seq_length"
                 )
             num_frames -= 1
         frames = read_video_frames(
             path,
             num_frames,
             self.frame_sampling,
-            backend=self.video_backend,
+            backend=self.options.video_backend,
             clip=record.get("clip"),
             num_decoded_frames=vlen,
             fps=fps,
@@ -463,47 +460,18 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
 
 
 def build_datasets(
-    meta_path: str | os.PathLike,
-    tokenizer,
-    *,
-    template_name: str = "internvl2_5",
-    num_image_token: int = 256,
-    image_size: int = 448,
-    dynamic_image_size: bool = True,
-    use_thumbnail: bool = True,
-    min_dynamic_patch: int = 1,
-    max_dynamic_patch: int = 12,
-    min_num_frame: int = 8,
-    max_num_frame: int = 32,
-    max_seq_length: int = 8192,
-    normalize_type: str = "imagenet",
-    pad2square: bool = False,
-    seed: int = 0,
-    video_backend: str = "pyav",
+    meta_path: str | os.PathLike, tokenizer, *, seed: int = 0, **options
 ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
-    """``(train_dataset, eval_dataset_or_None)`` from ``meta.json``.
+    """``(train_dataset, eval_dataset_or_None)`` from ``meta.json``; ``options`` are the fields of ``SampleOptions``.
 
     Entries whose name ends in ``_val`` form the evaluation set, with frames sampled at segment middles; the rest
     form the training set, with random frames. Empty entries are left out; no training entry is an error.
     """
-    common = dict(
-        template_name=template_name,
-        num_image_token=num_image_token,
-        image_size=image_size,
-        dynamic_image_size=dynamic_image_size,
-        use_thumbnail=use_thumbnail,
-        min_dynamic_patch=min_dynamic_patch,
-        max_dynamic_patch=max_dynamic_patch,
-        min_num_frame=min_num_frame,
-        max_num_frame=max_num_frame,
-        max_seq_length=max_seq_length,
-        normalize_type=normalize_type,
-        pad2square=pad2square,
-        video_backend=video_backend,
-    )
+    sample_options = SampleOptions(**options)
     train_parts, eval_parts = [], []
     for spec in load_meta(meta_path):
-        dataset = LazySupervisedDataset(spec, tokenizer, frame_sampling="middle" if spec.is_eval else "rand", **common)
+        frame_sampling = "middle" if spec.is_eval else "rand"
+        dataset = LazySupervisedDataset(spec, tokenizer, sample_options, frame_sampling=frame_sampling)
         logger.info("dataset %s: %d samples from %s", spec.name, len(dataset), spec.annotation)
         if len(dataset):
             (eval_parts if spec.is_eval else train_parts).append(dataset)

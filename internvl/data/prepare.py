@@ -2,9 +2,9 @@
 
 Input is an annotation file (CSV, JSON list or JSONL; one video path and one summary per record) or a folder of
 videos with same-name ``.txt`` summaries (or an ``annotations.csv|jsonl|json`` inside it). Every record is checked:
-the video path stays inside the video root, the file exists, opens and decodes at least one frame, the summary is
-not empty, and the (video, summary) pair is not a duplicate. Bad records are skipped with a reason (``--strict``
-makes them fatal) and written to ``rejected_records.jsonl``.
+the video path and the summary are text, the video path stays inside the video root, the file exists, opens and
+decodes at least one frame, the summary is not empty, and the (video, summary) pair is not a duplicate. Bad records
+are skipped with a reason (``--strict`` makes them fatal) and written to ``rejected_records.jsonl``.
 
 Output (``OUTPUT_DIR``): ``meta.json`` with the entries ``video_summary_dataset_train`` and
 ``video_summary_dataset_val`` (official keys), the two JSONL files, and ``rejected_records.jsonl``. Records of one
@@ -62,6 +62,7 @@ VIDEO_NOT_FOUND = "video_not_found"
 NOT_A_VIDEO = "not_a_video"
 UNDECODABLE_VIDEO = "undecodable_video"
 DUPLICATE = "duplicate"
+NOT_TEXT = "not_text"
 
 
 class PrepareError(Exception):
@@ -75,6 +76,7 @@ class PrepareError(Exception):
 @dataclass(frozen=True)
 class RawRecord:
     source: str  # where the record came from, e.g. "annotations.csv:12"
+    # Text as read; a JSON list, object or boolean is kept as is, for validation to reject.
     video: str | None
     summary: str | None
 
@@ -170,10 +172,11 @@ def _pick_key(available: list[str], wanted: str | None, aliases: tuple[str, ...]
     )
 
 
-def _text(value) -> str | None:
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
+def _text(value):
+    """JSON numbers become text (a video named 17, a summary "42"); other non-text values are left to validation."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def read_annotation_file(path: Path, video_key: str | None = None, summary_key: str | None = None) -> list[RawRecord]:
@@ -189,8 +192,12 @@ def read_annotation_file(path: Path, video_key: str | None = None, summary_key: 
         elif suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for line_number, line in enumerate(f, 1):
-                    if line.strip():
+                    if not line.strip():
+                        continue
+                    try:
                         rows.append((f"{path.name}:{line_number}", json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        raise PrepareError(f"{path}:{line_number}: not valid JSON ({error}); fix that line") from None
         elif suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
@@ -296,6 +303,10 @@ class _Validator:
         def reject(reason: str, detail: str) -> Rejection:
             return Rejection(record.source, record.video, reason, detail)
 
+        for field_name, value in (("video path", record.video), ("summary", record.summary)):
+            if value is not None and not isinstance(value, str):
+                kind = {dict: "an object", list: "a list", bool: "a boolean"}.get(type(value), type(value).__name__)
+                return reject(NOT_TEXT, f"the {field_name} is {kind}, not text")
         video = (record.video or "").strip()
         summary = (record.summary or "").strip()
         if not video:
@@ -460,6 +471,8 @@ def prepare_dataset(
     if extract and num_frames < 1:
         raise PrepareError(f"--num-frames must be at least 1, got {num_frames}")
     input_path, output_dir = Path(input_path), Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PrepareError(f"output folder {output_dir} is a file; pass another --output-dir")
     raw_records, rejected, default_root = read_input(input_path, video_key, summary_key)
     root = Path(video_root) if video_root is not None else default_root
     if not root.is_dir():

@@ -33,8 +33,8 @@ def image_token_ids(tokenizer) -> tuple[int, int, int]:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(
-                f"the tokenizer has no {token} token; load it with internvl.model.loading.load_tokenizer, which "
-                "adds the InternVL special tokens"
+                f"the tokenizer has no {token} token; use the tokenizer of an InternVL chat checkpoint "
+                "(internvl.model.load_tokenizer checks it has the InternVL special tokens), not a bare LLM's"
             )
         ids.append(token_id)
     return ids[0], ids[1], ids[2]

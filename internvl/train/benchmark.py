@@ -33,6 +33,8 @@ from transformers import TrainerCallback
 from internvl.constants import IGNORE_INDEX
 from internvl.data.files import atomic_directory, atomic_write_text
 from internvl.train.arguments import CONFIGS_DIR
+from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
+from internvl.train.launch import resolve_plan, visible_gpu_count
 from internvl.train.trainer import InternVLTrainer
 
 DEFAULT_MODEL_CONFIG = CONFIGS_DIR / "internvl3_8b_config.json"
@@ -216,13 +218,15 @@ def training_flops(config, counts: BatchCounts, *, lora_rank: int, recompute: bo
     passes = 3 if recompute else 2
     head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
     attention_width = llm.num_attention_heads * head_dim
-    flops = counts.tokens * (2 * passes * llm_linear_parameters(llm) + (2 * passes + 2) * llm_lora_parameters(llm, lora_rank))
+    per_token = 2 * passes * llm_linear_parameters(llm) + (2 * passes + 2) * llm_lora_parameters(llm, lora_rank)
+    flops = counts.tokens * per_token
     flops += (2 * passes + 2) * attention_width * counts.squared_lengths * llm.num_hidden_layers
     flops += 4 * llm.vocab_size * llm.hidden_size * counts.supervised_tokens
 
     vision = config.vision_config
     vit_tokens = (config.image_size // vision.patch_size) ** 2 + 1
-    vit_linear = (4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size) * vision.num_hidden_layers
+    vit_layer = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size  # qkv, proj, fc1, fc2
+    vit_linear = vit_layer * vision.num_hidden_layers
     vit_attention = 4 * vision.hidden_size * vit_tokens**2 * vision.num_hidden_layers
     shuffled = vision.hidden_size * int(round(1 / config.downsample_ratio)) ** 2
     projector = 2 * (shuffled * llm.hidden_size + llm.hidden_size**2) * config.num_image_token
@@ -305,7 +309,9 @@ class _BenchmarkCallback(TrainerCallback):
 class BenchmarkTrainer(InternVLTrainer):
     """The recipe's trainer, timing each optimizer step and writing a JSON report when training ends."""
 
-    def __init__(self, *args, report_path: str, warmup_steps: int, peak_tflops: float, memory_cap_gib, **kwargs):
+    def __init__(
+        self, *args, report_path: str, warmup_steps: int, peak_tflops: float, memory_cap_gib: float | None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.report_path = Path(report_path)
         self.warmup_steps = warmup_steps
@@ -324,10 +330,10 @@ class BenchmarkTrainer(InternVLTrainer):
             counts += step.counts
         summary = {
             "step_seconds": [step.seconds for step in self.meter.steps],
-            "step_tokens": [step.counts.tokens for step in self.meter.steps],
             "measured_seconds": sum(step.seconds for step in measured),
             "measured_data_wait_seconds": sum(step.data_wait_seconds for step in measured),
             "counts": asdict(counts),
+            "bad_samples": self.train_dataset.bad_samples,
         }
         if torch.cuda.is_available():
             summary.update(
@@ -411,6 +417,8 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
         "mfu": flops / seconds / world / (trainer.peak_tflops * 1e12),
         "step_times_s": main["step_seconds"],
         "loss": losses[-1] if losses else None,
+        # Unreadable samples are replaced by others (the recipe's policy); here any of them spoils the figures.
+        "bad_samples": sum(summary["bad_samples"] for summary in summaries),
     }
     if "peak_train_bytes" in main:
         results.update(
@@ -418,7 +426,8 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
             peak_train_gpu_memory_gib=[s["peak_train_bytes"] / GIB for s in summaries],
             peak_train_gpu_reserved_gib=[s["peak_train_reserved_bytes"] / GIB for s in summaries],
         )
-    return {"status": "ok", "run": run, "environment": environment(main.get("device")), "results": results}
+    status = "ok" if results["bad_samples"] == 0 else "bad_samples"
+    return {"status": status, "run": run, "environment": environment(main.get("device")), "results": results}
 
 
 def environment(device: str | None) -> dict:
@@ -505,20 +514,17 @@ def _free_port() -> int:
 
 
 def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: Path, report: Path):
-    """The torchrun command and its environment: the launcher's plan for these settings, with this module as the
-    entry point."""
-    from internvl.train.launch import resolve_plan, visible_gpu_count
-
+    """``(command, environment, plan)``: the launcher's plan for these settings (the guide's flags, then the
+    benchmark's overrides, then ``recipe_args``), started with this module as the entry point."""
     gpus = visible_gpu_count()
-    nproc = settings.nproc_per_node or gpus or 2
-    run_dir = Path(settings.work_dir) / "runs" / settings.name
+    nproc = settings.nproc_per_node or gpus or int(LAUNCH_DEFAULTS["CPU_PROCESSES"])
     env = {
         "GPUS": str(nproc),
         "PER_DEVICE_BATCH_SIZE": str(settings.per_device_batch_size),
         "BATCH_SIZE": str(settings.per_device_batch_size * settings.gradient_accumulation_steps * nproc),
         "MODEL_PATH": str(checkpoint),
         "META_PATH": str(meta_path),
-        "OUTPUT_DIR": str(run_dir),
+        "OUTPUT_DIR": str(Path(settings.work_dir) / "runs" / settings.name),
         "LORA_RANK": str(settings.lora_rank),
         "DEEPSPEED_CONFIG": settings.deepspeed,
         "MASTER_PORT": str(_free_port()),
@@ -553,21 +559,24 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
 
 
 def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
-    """Prepare the inputs, run the recipe under torchrun, return the report (``status`` "ok", "oom" or "failed")."""
+    """Prepare the inputs, run the recipe under torchrun and return the report. ``status`` is "ok", or
+    "bad_samples" (some samples could not be built, so the figures do not describe the requested shape), "oom" or
+    "failed" (with the end of the log)."""
     work_dir = Path(settings.work_dir)
-    checkpoint = prepare_checkpoint(settings.model_config, work_dir)
-    from internvl.train.launch import visible_gpu_count
-
-    nproc = settings.nproc_per_node or visible_gpu_count() or 2
-    num_samples = (settings.warmup_steps + settings.steps) * settings.per_device_batch_size
-    num_samples *= settings.gradient_accumulation_steps * nproc
-    meta_path = prepare_videos(work_dir / f"videos-{settings.name}", num_frames=settings.frames, num_samples=num_samples)
-    report_path = work_dir / "runs" / f"{settings.name}.{REPORT_NAME}"
+    runs_dir = work_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    report_path = runs_dir / f"{settings.name}.{REPORT_NAME}"
     report_path.unlink(missing_ok=True)
-    command, env, _ = benchmark_command(settings, checkpoint, meta_path, report_path)
+    log_path = runs_dir / f"{settings.name}.log"
+    checkpoint = prepare_checkpoint(settings.model_config, work_dir)
+    meta_path = work_dir / f"videos-{settings.name}" / "meta.json"
+    command, env, plan = benchmark_command(settings, checkpoint, meta_path, report_path)
+    prepare_videos(
+        meta_path.parent,
+        num_frames=settings.frames,
+        num_samples=(settings.warmup_steps + settings.steps) * plan.batch_size,
+    )
     log(" ".join(command))
-    log_path = work_dir / "runs" / f"{settings.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log_file:
         process = subprocess.Popen(
             command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -581,17 +590,15 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
             if process.poll() is None:  # interrupted: torchrun stops its workers on SIGTERM
                 process.terminate()
                 process.wait()
-    settings_record = asdict(settings)
     if returncode == 0 and report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        report["settings"] = settings_record
-        return report
+        return {**report, "settings": asdict(settings)}
     tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]
     out_of_memory = any("OutOfMemoryError" in line or "CUDA out of memory" in line for line in tail)
     return {
         "status": "oom" if out_of_memory else "failed",
         "returncode": returncode,
-        "settings": settings_record,
+        "settings": asdict(settings),
         "log": str(log_path),
         "log_tail": tail,
     }
@@ -600,16 +607,19 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
 def format_summary(report: dict) -> str:
     """One line for people: the headline figures of a report."""
     name = report.get("settings", {}).get("name", "run")
-    if report["status"] != "ok":
+    if "results" not in report:
         return f"{name}: {report['status'].upper()} (exit code {report.get('returncode')}, log {report.get('log')})"
     r = report["results"]
     peak = r.get("peak_gpu_memory_gib")
     memory = f"peak {max(peak):.2f} GiB/GPU" if peak else "peak n/a (cpu)"
-    return (
+    line = (
         f"{name}: {r['tokens_per_second_per_gpu']:,.0f} tokens/s/GPU | {r['samples_per_second']:.3f} samples/s | "
         f"step {r['step_time_s']:.2f} s | {r['tokens_per_sample']:.0f} tokens/sample | {memory} | "
         f"data wait {100 * r['dataloader_wait_share']:.1f}% | MFU {100 * r['mfu']:.1f}%"
     )
+    if report["status"] != "ok":
+        line += f" | {report['status'].upper()}: {r['bad_samples']} samples could not be built (see the log)"
+    return line
 
 
 if __name__ == "__main__":
