@@ -28,7 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     try:
         output_dir = make_demo_videos(
-            args.output_dir, num_videos=args.num_videos, seed=args.seed, frames=args.frames, size=args.size, fps=args.fps
+            args.output_dir,
+            num_videos=args.num_videos,
+            seed=args.seed,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -221,7 +221,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         self.frame_sampling = frame_sampling
         # The entry's own max_dynamic_patch overrides the global one.
         self.max_dynamic_patch = spec.max_dynamic_patch or options.max_dynamic_patch
-        self.transform = build_transform(spec.data_augment, options.image_size, options.pad2square, options.normalize_type)
+        self.transform = build_transform(
+            spec.data_augment, options.image_size, options.pad2square, options.normalize_type
+        )
         self.img_end_id = image_token_ids(tokenizer)[2]
         self.records = apply_repeat_time(load_jsonl(spec.annotation), spec.repeat_time)
         self._lengths: list[int] | None = None
@@ -282,12 +284,18 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
     def _tokenize(self, conversations, num_image_token_list, text_only=False) -> dict[str, torch.Tensor]:
         return preprocess_conversation(
-            conversations, self.tokenizer, num_image_token_list, template_name=self.options.template_name, text_only=text_only
+            conversations,
+            self.tokenizer,
+            num_image_token_list,
+            template_name=self.options.template_name,
+            text_only=text_only,
         )
 
     def _sample(self, conversations, tiles: list[Image.Image], tiles_per_image: list[int], text_only=False):
         tokens = self._tokenize(conversations, [self.options.num_image_token * n for n in tiles_per_image], text_only)
-        input_ids, labels = truncate_sample(tokens["input_ids"], tokens["labels"], self.options.max_seq_length, self.img_end_id)
+        input_ids, labels = truncate_sample(
+            tokens["input_ids"], tokens["labels"], self.options.max_seq_length, self.img_end_id
+        )
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -302,7 +310,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def _tiles(self, image: Image.Image, max_num: int) -> list[Image.Image]:
         if not self.options.dynamic_image_size:
             return [image]
-        return dynamic_preprocess(image, self.options.min_dynamic_patch, max_num, self.options.image_size, self.options.use_thumbnail)
+        options = self.options
+        return dynamic_preprocess(image, options.min_dynamic_patch, max_num, options.image_size, options.use_thumbnail)
 
     def _image_sample(self, record: dict):
         paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
