@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
+import av
 import pytest
 import torch
 from PIL import Image
@@ -85,6 +87,41 @@ def test_evaluation_samples_are_deterministic(prepared_demo, tiny_tokenizer):
     for index in range(len(evaluation)):
         first, second = evaluation[index], again[index]
         assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def _frame_indices(sample, every_frame: list[torch.Tensor]) -> list[int]:
+    """Which frames of the video the sample's tiles are, found by comparing pixels with every decoded frame."""
+    indices = []
+    for tile in sample["pixel_values"]:
+        found = [index for index, frame in enumerate(every_frame) if torch.equal(tile, frame)]
+        assert len(found) == 1
+        indices.append(found[0])
+    return indices
+
+
+def test_training_draws_random_frames_and_evaluation_takes_segment_middles(prepared_demo, tiny_tokenizer):
+    from internvl.data import build_transform
+
+    # Small tiles keep the pixel comparisons cheap; only which frames were taken matters here.
+    train, evaluation = build_datasets(
+        prepared_demo / "meta.json", tiny_tokenizer, min_num_frame=3, max_num_frame=3, image_size=32
+    )
+    meta = json.loads((prepared_demo / "meta.json").read_text())
+    transform = build_transform(False, 32)
+
+    def every_frame(name: str) -> list[torch.Tensor]:
+        record = json.loads((prepared_demo / meta[name]["annotation"]).read_text().splitlines()[0])
+        assert record["decoded_frames"] == 24
+        with av.open(str(prepared_demo / meta[name]["root"] / record["video"])) as container:
+            return [transform(frame.to_image()) for frame in container.decode(video=0)]
+
+    # 24 frames in 3 segments: [0, 8), [8, 16), [16, 24); their middles are 3, 11 and 19.
+    assert _frame_indices(evaluation[0], every_frame("video_summary_dataset_val")) == [3, 11, 19]
+    train_frames = every_frame("video_summary_dataset_train")
+    draws = [_frame_indices(train[0], train_frames) for _ in range(3)]
+    for indices in draws:
+        assert [index // 8 for index in indices] == [0, 1, 2]  # one frame in each segment
+    assert len({tuple(indices) for indices in draws}) > 1
 
 
 def test_frames_shrink_to_fit_max_seq_length(prepared_demo, tiny_tokenizer):
@@ -204,6 +241,10 @@ def test_relative_paths_resolve_from_the_meta_folder(prepared_demo, tiny_tokeniz
 def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
     (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": "nowhere", "annotation": "d.jsonl"}}))
     with pytest.raises(FileNotFoundError, match="root 'nowhere' not found"):
+        build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+    missing_root = str(tmp_path / "moved-away")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": missing_root, "annotation": "d.jsonl"}}))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"root '{missing_root}' does not exist")):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
     (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.json"}}))
     with pytest.raises(ValueError, match="must be a .jsonl file"):

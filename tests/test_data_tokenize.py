@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl.conversation import INTERNVL_SYSTEM_MESSAGE
+from internvl.conversation import INTERNVL_SYSTEM_MESSAGE, get_conv_template
 from internvl.data import preprocess_conversation
 from internvl.data.tokenize import SampleTooLongError, truncate_sample
 
@@ -18,6 +18,38 @@ def _ids(tokenizer, text: str) -> list[int]:
 def _trained_text(tokenizer, sample) -> str:
     labels = sample["labels"]
     return tokenizer.decode(labels[labels != IGNORE_INDEX])
+
+
+def test_internvl2_5_template_renders_the_official_prompt():
+    template = get_conv_template("internvl2_5")
+    template.append_message(template.roles[0], "Q1")
+    template.append_message(template.roles[1], "A1")
+    template.append_message(template.roles[0], "Q2")
+    template.append_message(template.roles[1], None)  # the generation prompt
+    official_system_message = (
+        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+    )
+    assert template.get_prompt() == (
+        f"<|im_start|>system\n{official_system_message}<|im_end|>\n"
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert template.stop_token == "<|im_end|>"
+    # A fresh copy each time: the messages above do not leak into the next caller.
+    assert get_conv_template("internvl2_5").messages == []
+
+
+def test_tokenizer_without_image_tokens_is_a_clear_error():
+    class BareLLMTokenizer:
+        unk_token_id = None
+
+        def convert_tokens_to_ids(self, token):
+            return None
+
+    with pytest.raises(ValueError, match="has no <img> token.*InternVL chat checkpoint"):
+        preprocess_conversation(
+            [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], BareLLMTokenizer()
+        )
 
 
 def test_labels_train_only_the_answer_and_im_end(tiny_tokenizer):

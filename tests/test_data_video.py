@@ -103,6 +103,21 @@ def test_read_returns_the_frames_at_the_sampled_indices(tmp_path):
     assert all(frame.mode == "RGB" for frame in frames)
 
 
+def test_clip_samples_inside_its_time_range(tmp_path):
+    path = tmp_path / "clip.mp4"
+    _encode(path, _noise_frames(30), fps=10)
+    reference = _decode_all(path)
+    # Seconds 1 to 2 are frames 10..19; their two segment middles are frames 12 and 17.
+    frames = read_video_frames(path, 2, "middle", clip=(1.0, 2.0))
+    assert np.array_equal(np.stack([np.asarray(frame) for frame in frames]), np.stack([reference[12], reference[17]]))
+    # A frame folder has no frame rate, so seconds mean nothing there.
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "f_0.png")
+    with pytest.raises(VideoDecodeError, match="needs the frame rate"):
+        read_video_frames(str(folder) + "/", 1, "middle", clip=(0.0, 1.0))
+
+
 def test_truncated_video_counts_what_decodes(tmp_path):
     # moov atom first: the container still announces every frame after the data is cut in half.
     path = tmp_path / "clip.mp4"

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from internvl.constants import IMG_CONTEXT_TOKEN
-from internvl.conversation import get_conv_template
-from internvl.data.dataset import video_frame_prompt
+from internvl.conversation import get_conv_template, video_frame_prompt
 from internvl.model import load_internvl_model
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}

@@ -83,7 +83,10 @@ def test_tiny_tokenizer_matches_the_official_conventions(tiny_model_dir):
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"
     assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token) == ("<|endoftext|>", "<|im_end|>", None)
     assert len(tokenizer) == config["llm_config"]["vocab_size"]
-    special_ids = tokenizer.convert_tokens_to_ids(list(CHATML_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS))
+    official_order = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    official_order += ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+    assert list(CHATML_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS) == official_order
+    special_ids = tokenizer.convert_tokens_to_ids(official_order)
     # ChatML tokens then the nine InternVL tokens, consecutive and in official order, at the end of the vocabulary.
     assert special_ids == list(range(len(tokenizer) - len(special_ids), len(tokenizer)))
     assert tokenizer(IMG_CONTEXT_TOKEN * 3, add_special_tokens=False).input_ids == [special_ids[5]] * 3
@@ -119,6 +122,26 @@ def test_save_and_reload_round_trip(tiny_model, tiny_tokenizer, tmp_path, max_sh
     for key, value in original_state.items():
         assert torch.equal(value, reloaded_state[key]), key
     assert checkpoint_keys(tmp_path) == set(original_state) - {key for key in original_state if "rotary_emb" in key}
+
+
+def test_checkpoint_saved_with_lora_layers_reloads_them(tiny_model_dir, tmp_path):
+    """The official trainer saves the whole model with its LoRA layers under PEFT names and ``use_llm_lora`` = r in
+    the config; loading re-wraps the LLM so those keys find their place."""
+    model = InternVLChatModel.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    model.wrap_llm_lora(r=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    model.save_pretrained(tmp_path)
+    assert "language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in checkpoint_keys(
+        tmp_path
+    )
+    reloaded = InternVLChatModel.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert reloaded.config.use_llm_lora == 4
+    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert original_state.keys() == reloaded_state.keys()
+    assert all(torch.equal(value, reloaded_state[key]) for key, value in original_state.items())
 
 
 def test_official_checkpoint_config_with_extra_keys_loads(tiny_model_dir, tmp_path):
@@ -171,6 +194,35 @@ def test_num_image_token_follows_image_size_and_downsample_ratio():
     assert config.num_image_token == (224 // 14) ** 2 // 4
     config.downsample_ratio = 0.25
     assert config.num_image_token == (224 // 14) ** 2 // 16
+
+
+def test_llama_based_llm_builds_wraps_lora_and_trains(tiny_model_dir, tiny_tokenizer):
+    vision_config = json.loads((tiny_model_dir / "config.json").read_text())["vision_config"]
+    llm_config = dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = InternVLChatConfig(vision_config=vision_config, llm_config=llm_config, ps_version="v2")
+    torch.manual_seed(0)
+    model = InternVLChatModel(config)
+    model.img_context_token_id = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    assert type(model.language_model).__name__ == "LlamaForCausalLM"
+    for param in [*model.vision_model.parameters(), *model.mlp1.parameters()]:
+        param.requires_grad_(False)
+    model.wrap_llm_lora(r=4)
+    input_ids = image_prompt_ids(tiny_tokenizer, model.num_image_token)
+    model(pixel_values=torch.randn(1, 3, 448, 448), input_ids=input_ids, labels=input_ids).loss.backward()
+    trained_projections = {
+        name.split(".lora_B.")[0].split(".")[-1]
+        for name, param in model.named_parameters()
+        if ".lora_B." in name and param.grad is not None and param.grad.abs().sum() > 0
+    }
+    assert trained_projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_internlm2_llm_is_rejected_with_a_clear_error():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
-from transformers.models.internvl.modeling_internvl import InternVLModel
+from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLVisionModel
 
 from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl.model import InternVLChatModel
+from internvl.model import InternVisionConfig, InternVisionModel, InternVLChatModel
 from internvl.model.internvl_chat import pixel_shuffle
 
 
@@ -65,6 +65,8 @@ def _convert_vision_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor
         "norm2.": "layernorm_after.",
         "mlp.fc1.": "mlp.fc1.",
         "mlp.fc2.": "mlp.fc2.",
+        "attn.q_norm.": "attention.q_norm.",
+        "attn.k_norm.": "attention.k_norm.",
         "ls1": "lambda_1",
         "ls2": "lambda_2",
     }
@@ -74,9 +76,8 @@ def _convert_vision_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor
     raise KeyError(f"unexpected vision key {key}")
 
 
-def hf_native_config(model: InternVLChatModel) -> InternVLConfig:
-    vision = model.config.vision_config
-    vision_config = InternVLVisionConfig(
+def hf_native_vision_config(vision: InternVisionConfig) -> InternVLVisionConfig:
+    return InternVLVisionConfig(
         hidden_size=vision.hidden_size,
         num_hidden_layers=vision.num_hidden_layers,
         num_attention_heads=vision.num_attention_heads,
@@ -91,8 +92,11 @@ def hf_native_config(model: InternVLChatModel) -> InternVLConfig:
         layer_scale_init_value=vision.initializer_factor,
         use_mean_pooling=True,  # no final norm, as in InternViT
     )
+
+
+def hf_native_config(model: InternVLChatModel) -> InternVLConfig:
     return InternVLConfig(
-        vision_config=vision_config,
+        vision_config=hf_native_vision_config(model.config.vision_config),
         text_config=model.config.llm_config.to_dict(),
         image_token_id=model.img_context_token_id,
         image_seq_length=model.num_image_token,
@@ -125,6 +129,36 @@ def test_hf_port_pixel_shuffle_is_ps_version_v2():
     features = torch.randn(2, 8, 8, 6)
     hf_shuffle = InternVLModel.pixel_shuffle(None, features, scale_factor=0.5)
     torch.testing.assert_close(pixel_shuffle(features, 0.5, "v2"), hf_shuffle, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("image_size", [448, 224])
+def test_intern_vit_6b_style_blocks_and_resized_positions_match_hf_port(image_size):
+    """RMSNorm, query/key normalisation and no qkv bias (the InternViT-6B variant), on the trained grid and on a
+    smaller one, where the position embeddings are resized."""
+    config = InternVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=448,
+        qkv_bias=False,
+        qk_normalization=True,
+        norm_type="rms_norm",
+        initializer_factor=1.0,
+    )
+    torch.manual_seed(0)
+    ours = InternVisionModel(config).eval()
+    with torch.no_grad():  # large enough that the position embeddings (and their resizing) shape the output
+        ours.embeddings.position_embedding.normal_(std=1.0)
+    hf = InternVLVisionModel(hf_native_vision_config(config)).eval()
+    converted = to_hf_native_state_dict({f"vision_model.{k}": v for k, v in ours.state_dict().items()})
+    hf.load_state_dict({k.removeprefix("model.vision_tower."): v for k, v in converted.items()}, strict=True)
+    pixel_values = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        our_hidden = ours(pixel_values).last_hidden_state
+        hf_hidden = hf(pixel_values).last_hidden_state
+    assert our_hidden.shape == (2, 1 + (image_size // 14) ** 2, 64)
+    torch.testing.assert_close(our_hidden, hf_hidden, rtol=1e-4, atol=1e-4)
 
 
 def test_image_features_match_hf_port(model_pair):

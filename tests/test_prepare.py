@@ -169,8 +169,11 @@ def test_cli_writes_official_meta_and_records(cli_run, messy_input):
     assert len(set(ids)) == len(ids) and "clip0.mp4#2" in ids
 
 
-def test_prepared_data_feeds_the_dataset(cli_run, tiny_tokenizer):
-    from internvl.data import build_datasets
+def test_prepared_data_feeds_the_dataset_and_the_model(cli_run, tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from internvl.data import InternVLDataCollator, build_datasets
+    from internvl.model import load_internvl_model
 
     _, output_dir = cli_run
     train, evaluation = build_datasets(output_dir / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=3)
@@ -180,6 +183,13 @@ def test_prepared_data_feeds_the_dataset(cli_run, tiny_tokenizer):
             frames = sample["pixel_values"].shape[0]
             assert 2 <= frames <= 3
     assert train.bad_samples == 0 and evaluation.bad_samples == 0
+
+    # A batch of the prepared data goes through the tiny model: image tokens and frames agree, the answer is trained.
+    batch = InternVLDataCollator(tiny_tokenizer.pad_token_id)([train[0], train[1]])
+    model = load_internvl_model(tiny_model_dir, load_in_4bit=False, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss > 0
 
 
 def _split(output_dir: Path) -> tuple[set, set]:
@@ -305,6 +315,52 @@ def test_json_and_jsonl_inputs_with_aliases_and_overrides(demo_videos_dir, tmp_p
     assert [r.video for r in report.kept] == ["demo_001.mp4"]
 
 
+def test_video_root_resolves_relative_paths(demo_videos_dir, tmp_path):
+    annotations = tmp_path / "labels" / "annotations.csv"
+    annotations.parent.mkdir()
+    _write_csv(annotations, [("demo_000.mp4", "A shape moves."), ("sub/../demo_001.mp4", "Shapes move.")])
+    # By default relative paths start from the annotation file's folder, where these videos are not.
+    with pytest.raises(PrepareError, match="all 2 were rejected") as error:
+        prepare_dataset(annotations, tmp_path / "out", progress=False)
+    assert [r.reason for r in error.value.rejected] == ["video_not_found"] * 2
+
+    argv = ["--input", str(annotations), "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert prepare_cli.main([*argv, "--video-root", str(demo_videos_dir), "--val-ratio", "0"]) == 0
+    entry = json.loads((tmp_path / "out" / "meta.json").read_text())["video_summary_dataset_train"]
+    assert (tmp_path / "out" / entry["root"]).resolve() == demo_videos_dir.resolve()
+    records = _read_jsonl(tmp_path / "out" / entry["annotation"])
+    assert [r["video"] for r in records] == ["demo_000.mp4", "demo_001.mp4"]
+
+
+def test_non_text_fields_are_rejected(demo_videos_dir, tmp_path):
+    shutil.copytree(demo_videos_dir, tmp_path, dirs_exist_ok=True)
+    records = [
+        {"video": "demo_000.mp4", "summary": ["A shape", "moves."]},
+        {"video": {"path": "demo_001.mp4"}, "summary": "A shape moves."},
+        {"video": "demo_002.mp4", "summary": 42},  # a number is text enough
+    ]
+    (tmp_path / "list.json").write_text(json.dumps(records))
+    report = prepare_dataset(tmp_path / "list.json", tmp_path / "out", val_ratio=0, progress=False)
+    assert [(r.source, r.reason, r.detail) for r in report.rejected] == [
+        ("list.json[0]", "not_text", "the summary is a list, not text"),
+        ("list.json[1]", "not_text", "the video path is an object, not text"),
+    ]
+    assert [(r.video, r.summary) for r in report.kept] == [("demo_002.mp4", "42")]
+
+
+def test_unusable_input_is_an_error_naming_the_place(demo_videos_dir, tmp_path):
+    shutil.copy(demo_videos_dir / "demo_000.mp4", tmp_path / "a.mp4")
+    good_line = json.dumps({"video": "a.mp4", "summary": "A shape moves."}) + "\n"
+    (tmp_path / "lines.jsonl").write_text(good_line + "\n" + '{"video": "a.mp4", summary}\n')
+    with pytest.raises(PrepareError, match=r"lines.jsonl:3: not valid JSON"):
+        prepare_dataset(tmp_path / "lines.jsonl", tmp_path / "out", progress=False)
+    (tmp_path / "lines.jsonl").write_text(good_line)
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    with pytest.raises(PrepareError, match="output folder .*taken is a file"):
+        prepare_dataset(tmp_path / "lines.jsonl", tmp_path / "taken", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_system_prompt_prompt_and_absolute_root(demo_videos_dir, tmp_path):
     output_dir = tmp_path / "out"
     prepare_dataset(
@@ -351,3 +407,25 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("killed while writing")
     assert target.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_folder_replacement_is_all_or_nothing(tmp_path):
+    from internvl.data.files import atomic_directory
+
+    target = tmp_path / "frames"
+    with atomic_directory(target) as staging:
+        (staging / "old.jpg").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "new.jpg").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert os.listdir(target) == ["old.jpg"]
+    with atomic_directory(target) as staging:
+        (staging / "new.jpg").write_text("new")
+    assert os.listdir(target) == ["new.jpg"]
+    assert os.listdir(tmp_path) == ["frames"]  # no staging or old folder left behind
+    (tmp_path / "a_file").write_text("data")
+    with pytest.raises(NotADirectoryError, match="a_file is a file"):
+        with atomic_directory(tmp_path / "a_file"):
+            pass
+    assert (tmp_path / "a_file").read_text() == "data"

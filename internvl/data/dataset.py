@@ -76,7 +76,9 @@ def _resolve(meta_dir: Path, value: str, what: str, meta_path: Path) -> Path:
     working directory, which is tried second so existing meta files keep working."""
     path = Path(value).expanduser()
     if path.is_absolute():
-        return path
+        if path.exists():
+            return path
+        raise FileNotFoundError(f"{meta_path}: {what} {value!r} does not exist; fix the path")
     for candidate in (meta_dir / path, Path.cwd() / path):
         if candidate.exists():
             return candidate

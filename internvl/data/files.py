@@ -46,16 +46,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` (and what was there)."""
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` (and what was there).
+
+    The old folder is renamed away before the new one is renamed in, and deleted only then: ``path`` is never a
+    half-deleted old folder or a half-written new one.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; a folder was to be written there")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp_dir.chmod(0o777 & ~_current_umask())
     try:
         yield tmp_dir
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp_dir, path)
+            old_dir = tmp_dir.with_suffix(".old")
+            os.replace(path, old_dir)
+            os.replace(tmp_dir, path)
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(tmp_dir, path)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)

@@ -330,7 +330,8 @@ class InternVLChatModel(PreTrainedModel):
             hidden = outputs.last_hidden_state[:, :-1][supervised]
             supervised_logits = self.lm_head(hidden).float()
             # A batch with nothing supervised contributes a zero loss (and zero gradients), not NaN.
-            loss = F.cross_entropy(supervised_logits, target[supervised], reduction="sum") / supervised.sum().clamp(min=1)
+            loss_sum = F.cross_entropy(supervised_logits, target[supervised], reduction="sum")
+            loss = loss_sum / supervised.sum().clamp(min=1)
         else:
             outputs = self.language_model(**llm_kwargs)
             logits = outputs.logits
