@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from internvl.tools.evaluate import METRICS_NAME, REPORT_NAME, EvaluationConfig, run_evaluation  # noqa: E402
-from internvl.tools.metrics import METRIC_TITLES  # noqa: E402
 from internvl.tools.infer import add_model_arguments  # noqa: E402
+from internvl.tools.metrics import METRIC_TITLES  # noqa: E402
 
 
 def parse_args() -> EvaluationConfig:
@@ -41,7 +41,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's "Using default tokenizer."
     config = parse_args()
-    metrics = run_evaluation(config)
+    try:
+        metrics = run_evaluation(config)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     for label, summary in metrics["models"].items():
         scores = ", ".join(f"{METRIC_TITLES[k]} {v:.2f}" for k, v in summary["scores"].items())
         print(f"{label}: {summary['num_scored']}/{summary['num_records']} scored: {scores}")

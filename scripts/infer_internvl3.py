@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from internvl.data.video import VideoDecodeError  # noqa: E402
 from internvl.tools.infer import DTYPES, add_model_arguments, generation_config, summarize  # noqa: E402
 from internvl.tools.merge import load_model_for_inference  # noqa: E402
 
@@ -27,23 +28,29 @@ def main() -> None:
     media.add_argument("--image", type=Path, help="image file")
     parser.add_argument("--prompt", help="question or instruction (default: the training summary prompt)")
     args = parser.parse_args()
+    media_path = args.video or args.image
+    if not media_path.exists():  # checked before minutes of model loading
+        sys.exit(f"error: {media_path}: no such file or folder")
 
-    model, tokenizer, source = load_model_for_inference(
-        args.model,
-        base_model=args.base_model,
-        load_in_4bit=args.load_in_4bit,
-        torch_dtype=DTYPES[args.dtype],
-        device=args.device,
-    )
-    print(f"model: {source.describe()}", file=sys.stderr)
-    answer = summarize(
-        model,
-        tokenizer,
-        args.video or args.image,
-        args.prompt,
-        num_frames=args.num_frames,
-        generation_kwargs=generation_config(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
-    )
+    try:
+        model, tokenizer, source = load_model_for_inference(
+            args.model,
+            base_model=args.base_model,
+            load_in_4bit=args.load_in_4bit,
+            torch_dtype=DTYPES[args.dtype],
+            device=args.device,
+        )
+        print(f"model: {source.describe()}", file=sys.stderr)
+        answer = summarize(
+            model,
+            tokenizer,
+            media_path,
+            args.prompt,
+            num_frames=args.num_frames,
+            generation_kwargs=generation_config(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
+        )
+    except (FileNotFoundError, ValueError, VideoDecodeError) as error:
+        sys.exit(f"error: {error}")
     print(answer)
 
 

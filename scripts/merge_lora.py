@@ -13,13 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from internvl.tools.infer import DTYPES  # noqa: E402
 from internvl.tools.merge import DEFAULT_MAX_SHARD_SIZE, merge_lora  # noqa: E402
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def main() -> None:
@@ -32,14 +29,17 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists and is not empty")
     args = parser.parse_args()
 
-    info = merge_lora(
-        args.input,
-        args.output,
-        base_model=args.base_model,
-        torch_dtype=DTYPES[args.dtype],
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-    )
+    try:
+        info = merge_lora(
+            args.input,
+            args.output,
+            base_model=args.base_model,
+            torch_dtype=DTYPES[args.dtype],
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        sys.exit(f"error: {error}")
     ranks = ", ".join(f"{part} r={rank}" for part, rank in info["lora_ranks"].items())
     print(f"merged {info['source']} ({ranks}) into {args.output}")
     print(f"base model: {info['base_model']}")

@@ -21,8 +21,11 @@ def main() -> None:
     parser.add_argument("output_dir", type=Path, help="training output folder")
     parser.add_argument("--output", type=Path, help="PNG path (default: OUTPUT_DIR/loss_curves.png)")
     args = parser.parse_args()
-    history = load_loss_history(args.output_dir)
-    path = plot_training_curves(args.output_dir, args.output)
+    try:
+        history = load_loss_history(args.output_dir)
+        path = plot_training_curves(args.output_dir, args.output)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     print(f"{len(history.train)} train and {len(history.eval)} eval loss points from {history.source} -> {path}")
 
 

@@ -12,9 +12,7 @@ export LR="${LR:-2e-5}"
 export EPOCHS="${EPOCHS:-3}"
 PYTHON="${PYTHON:-python}"
 
-if [[ -f scripts/test_internvl3_setup.py ]]; then
-  echo "== Checking the setup"
-  "$PYTHON" scripts/test_internvl3_setup.py -- "$@"
-fi
+echo "== Checking the setup"
+"$PYTHON" scripts/test_internvl3_setup.py -- "$@"
 echo "== Training"
 exec bash scripts/finetune_internvl3_8b_4bit_lora.sh "$@"

@@ -5,10 +5,11 @@
     python scripts/test_internvl3_setup.py --model-path models/InternVL3-8B --full --json
     python scripts/test_internvl3_setup.py -- --max_num_frame 16  # training arguments, as given to the launcher
 
-Settings come from the same environment variables and defaults as scripts/finetune_internvl3_8b_4bit_lora.sh
-(GPUS, PER_DEVICE_BATCH_SIZE, BATCH_SIZE, MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, DEEPSPEED_CONFIG, NNODES);
-the options below override them. As for the launcher, relative paths in the environment are taken from the
-repository root; paths given as options, from the current folder. Exit code 0 when nothing failed, 1 otherwise.
+Settings come from the environment variables of scripts/finetune_internvl3_8b_4bit_lora.sh (GPUS,
+PER_DEVICE_BATCH_SIZE, BATCH_SIZE, MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, DEEPSPEED_CONFIG, NNODES) with the
+quick start's defaults: the launcher's, except that GPUS defaults to 2 (under SLURM, to the GPUs per node); the
+options below override them. As for the launcher, relative paths in the environment are taken from the repository
+root; paths given as options, from the current folder. Exit code 0 when nothing failed, 1 otherwise.
 See docs/SETUP.md.
 """
 
@@ -38,6 +39,9 @@ ENV_OPTIONS = {
     "batch_size": "BATCH_SIZE",
     "lora_rank": "LORA_RANK",
 }
+# The quick start's process count (scripts/quick_start_internvl3_4bit_lora.sh); its other defaults are the
+# launcher's, which would otherwise start one process per visible GPU.
+QUICK_START_GPUS = "2"
 # Options holding paths, which are taken from the current folder.
 PATH_OPTIONS = ("model_path", "meta_path", "output_dir", "deepspeed_config")
 # Options that become training arguments.
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         usage="%(prog)s [options] [-- TRAINING ARGS]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults are the launcher's: see scripts/finetune_internvl3_8b_4bit_lora.sh.",
+        epilog="Defaults are the quick start's: see scripts/quick_start_internvl3_4bit_lora.sh.",
     )
     paths = parser.add_argument_group("paths")
     paths.add_argument("--model-path", "--model_name_or_path", help="model folder (env MODEL_PATH)")
@@ -62,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "(env DEEPSPEED_CONFIG)")  # fmt: skip
     paths.add_argument("--output-dir", "--output_dir", help="training output folder (env OUTPUT_DIR)")
     batch = parser.add_argument_group("batch and training settings")
-    batch.add_argument("--gpus", type=int, help="processes per node (env GPUS; default: the visible GPUs)")
+    batch.add_argument("--gpus", type=int, help="processes per node (env GPUS; default 2, as in the quick start)")
     batch.add_argument("--nnodes", type=int, help="number of nodes (env NNODES)")
     batch.add_argument("--per-device-batch-size", type=int, help="micro-batch per GPU (env PER_DEVICE_BATCH_SIZE)")
     batch.add_argument("--batch-size", type=int, help="samples per optimizer step over all GPUs (env BATCH_SIZE)")
@@ -79,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     environ = dict(os.environ)
+    if not (environ.get("GPUS") or environ.get("SLURM_GPUS_ON_NODE")):
+        environ["GPUS"] = QUICK_START_GPUS
     for option, variable in ENV_OPTIONS.items():
         value = getattr(args, option)
         if value is not None:

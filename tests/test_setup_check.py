@@ -208,6 +208,20 @@ def test_cli_process_json_and_exit_code(setup_copy):
 # -- Settings --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("slurm_gpus, processes", [("", 2), ("4", 4)])
+def test_cli_defaults_to_the_quick_starts_process_count(monkeypatch, capsys, good_setup, slurm_gpus, processes):
+    """On an 8-GPU machine the launcher alone would start 8 processes; the quick start (and so the check) 2, unless
+    SLURM allocated GPUs per node."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # what the launcher would use
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the GPU checks themselves are tested below
+    _, output = run_cli(monkeypatch, capsys, good_setup, GPUS="", PER_DEVICE_BATCH_SIZE="", BATCH_SIZE="",
+                        SLURM_GPUS_ON_NODE=slurm_gpus)  # fmt: skip
+    batch_line = next(line for line in output.splitlines() if line.startswith("✅ batch size:"))
+    assert f"32 = {processes} process(es) × 4 per device × {8 // processes} accumulation steps" in batch_line
+
+
 def test_settings_are_the_launchers():
     env = {"GPUS": "4", "PER_DEVICE_BATCH_SIZE": "2", "BATCH_SIZE": "64", "MODEL_PATH": "m", "LORA_RANK": "16",
            "DEEPSPEED_CONFIG": "zero_stage2_config.json"}  # fmt: skip

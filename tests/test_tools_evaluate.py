@@ -174,6 +174,15 @@ def test_records_are_checked_with_their_source_line(tmp_path):
     assert records[0].media == str(tmp_path / "a.mp4")  # relative to the JSONL's folder by default
 
 
+def test_evaluate_script_reports_bad_input_in_one_line(tiny_lora_output, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate_internvl3.py", "--model", str(tiny_lora_output), "--meta-path",
+                                      str(tmp_path / "meta.json"), "--output-dir", str(tmp_path / "eval")])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate_internvl3.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith(f"error: meta file {tmp_path / 'meta.json'} not found")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_meta_without_val_entry_is_a_clear_error(prepared_data, tmp_path):
     meta = json.loads((prepared_data / "meta.json").read_text())
     train_only = {name: dict(entry, root=str(prepared_data / entry["root"]),

@@ -155,6 +155,14 @@ def test_merge_script_writes_the_model_and_says_what_it_merged_onto(
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["use_llm_lora"] == 0
 
 
+def test_merge_script_reports_bad_input_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", str(tmp_path / "missing"), str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    assert exit_info.value.code == f"error: model folder {tmp_path / 'missing'} does not exist"
+    assert not (tmp_path / "merged").exists()
+
+
 def test_remote_code_of_the_base_travels_with_the_merged_model(tiny_lora_output, tiny_model_dir, tmp_path):
     """Official checkpoints load through ``auto_map`` and their own ``*.py`` files: both are kept."""
     base = tmp_path / "base"

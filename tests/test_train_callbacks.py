@@ -105,6 +105,23 @@ def test_mean_loss_of_a_resumed_run_covers_its_own_steps(tmp_path):
     assert lines[-1] == "# done: step 50/50, 10 steps in 5.0 s this run, mean loss 1.5000"
 
 
+def test_summary_counts_every_step_and_averages_the_logged_ones(tmp_path):
+    log = TrainingLogCallback(tmp_path)
+    log.on_train_begin(None, state(0, 0), None)
+    log.on_log(None, state(10, 0), None, logs={"loss": 2.0})  # steps 11-15 end before the next logging step
+    log.on_log(None, state(15, 0), None, logs={"train_runtime": 3.0})
+    assert (tmp_path / TRAINING_LOG_NAME).read_text().splitlines()[-1] == (
+        "# done: step 15/50, 15 steps in 3.0 s this run, mean loss 2.0000"
+    )
+
+    short = TrainingLogCallback(tmp_path / "short")  # fewer steps than --logging_steps: no loss at all
+    short.on_train_begin(None, state(0, 0), None)
+    short.on_log(None, state(3, 0), None, logs={"train_runtime": 1.0})
+    assert (tmp_path / "short" / TRAINING_LOG_NAME).read_text().splitlines()[-1] == (
+        "# done: step 3/50, 3 steps in 1.0 s this run, mean loss n/a (no step logged)"
+    )
+
+
 def test_training_log_on_cpu_and_on_other_ranks(tmp_path):
     log = TrainingLogCallback(tmp_path)
     log.on_log(None, state(1, 0), None, logs={"loss": 2.0, "learning_rate": 1e-3})

@@ -215,6 +215,32 @@ def test_two_nodes_with_every_parameter_partitioned(tiny_model_dir, demo_meta, t
     check_adapter_matches_optimizer_weights(output_dir, checkpoint)
 
 
+def test_module_run_without_deepspeed_resumes_with_the_trained_adapter(tiny_model_dir, demo_meta, tmp_path):
+    """``python -m``, one process, no DeepSpeed: resuming loads the checkpoint's adapter (not DeepSpeed's state)."""
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "internvl.train.internvl_chat_finetune", "--model_name_or_path",
+               str(tiny_model_dir), "--meta_path", str(demo_meta), "--output_dir", str(output_dir), "--freeze_llm",
+               "True", "--freeze_mlp", "True", "--freeze_backbone", "True", "--use_llm_lora", "8", "--do_train", "True",
+               "--per_device_train_batch_size", "1", "--max_steps", "2", "--save_steps", "2", "--learning_rate",
+               "2e-3", "--max_seq_length", "1024", "--report_to", "none", *SMALL_RUN]  # fmt: skip
+    # Fewer steps than --logging_steps (default 500): nothing to plot, which is said, not an error.
+    first = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(first)
+    assert "No loss curves" in first.stdout and not (output_dir / "loss_curves.png").exists()
+    trained = load_file(output_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(value.abs().max() > 0 for name, value in trained.items() if ".lora_B." in name)
+
+    # The rerun resumes at the last step, so it only loads the checkpoint and saves again: a fresh adapter (lora_B
+    # all zero) would show here.
+    (output_dir / "adapter_model.safetensors").unlink()
+    second = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(second)
+    assert f"Resuming from {output_dir / 'checkpoint-2'}" in second.stdout
+    saved = load_file(output_dir / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[name], trained[name]) for name in trained)
+
+
 def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir, demo_meta, tmp_path):
     output_dir = tmp_path / "run"
     env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",

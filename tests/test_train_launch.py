@@ -144,3 +144,31 @@ def test_finetune_script_reports_an_indivisible_batch():
                                                                "PER_DEVICE_BATCH_SIZE": "4"}, "--dry-run")
     assert result.returncode != 0
     assert "BATCH_SIZE=12 is not a multiple" in result.stderr
+
+
+def test_slurm_script_starts_one_launcher_per_node_with_the_allocation(tmp_path):
+    # Stand-ins for SLURM's tools: scontrol lists the allocated hosts, srun runs the command it is given.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4",
+           "BATCH_SIZE": "64", "PER_DEVICE_BATCH_SIZE": "4"}  # fmt: skip
+    env.update(dict.fromkeys(("GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR"), ""))  # unset: SLURM's values apply
+    result = run_script("slurm_finetune_internvl3_8b_4bit_lora.sh", env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().splitlines()[-1].split()
+    assert [flag(command, f) for f in ("--nnodes", "--node_rank", "--master_addr", "--nproc_per_node")] == [
+        "2", "1", "node-a", "4"]  # fmt: skip
+    assert flag(command, "--gradient_accumulation_steps") == "2"  # 64 / (4 per device x 4 GPUs x 2 nodes)
+
+
+def test_quick_start_stops_when_the_setup_check_fails(tmp_path):
+    result = run_script("quick_start_internvl3_4bit_lora.sh", {"MODEL_PATH": str(tmp_path / "no-model"),
+                                                               "OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    assert result.returncode != 0
+    assert "❌ model folder" in result.stdout and "no-model" in result.stdout
+    assert "== Training" not in result.stdout and not (tmp_path / "out").exists()

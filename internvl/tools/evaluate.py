@@ -32,8 +32,8 @@ from internvl.data.files import atomic_write_text
 from internvl.data.video import VideoDecodeError
 from internvl.tools.infer import (
     DEFAULT_MAX_NEW_TOKENS,
-    DTYPES,
     DEFAULT_NUM_FRAMES,
+    DTYPES,
     generate_answers,
     generation_config,
     load_visual_input,

@@ -24,6 +24,7 @@ DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_IMAGE_PROMPT = "Describe this image in detail."
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     parser.add_argument("--device", help="e.g. cuda:1 or cpu (default: first GPU if any)")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass

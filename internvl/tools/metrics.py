@@ -38,9 +38,6 @@ class MetricResult:
     scores: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return {"num_samples": self.num_samples, "scores": self.scores, "skipped": self.skipped}
-
 
 def word_tokens(text: str) -> list[str]:
     """Lower-cased word tokens with punctuation dropped (what the PTB tokenizer yields for plain English)."""

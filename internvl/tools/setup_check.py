@@ -1156,7 +1156,7 @@ class SetupChecker:
             batch = InternVLDataCollator(pad_token_id=self.tokenizer.pad_token_id)(samples)
         except Exception as error:
             return [_fail(name, f"the dataset cannot be built: {type(error).__name__}: {error}",
-                          "fix the data as the message says")]
+                          "fix the data or the training arguments as the message says")]
 
         length = batch["input_ids"].shape[1]
         context_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)

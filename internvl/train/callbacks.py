@@ -88,7 +88,7 @@ class TrainingLogCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / TRAINING_LOG_NAME
-        # Loss summed over this session's optimizer steps (the trainer's own train_loss divides by every step
+        # Loss summed over this session's logged optimizer steps (the trainer's own train_loss divides by every step
         # since the start of training, so it is too small after a resume).
         self._loss_sum = 0.0
         self._first_step = self._last_step = 0
@@ -115,9 +115,9 @@ class TrainingLogCallback(TrainerCallback):
         elif "eval_loss" in logs:
             self._write(f"eval  step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}")
         elif "train_runtime" in logs:
-            steps = self._last_step - self._first_step
-            mean = f"{self._loss_sum / steps:.4f}" if steps else "n/a"
+            logged_steps = self._last_step - self._first_step
+            mean = f"{self._loss_sum / logged_steps:.4f}" if logged_steps else "n/a (no step logged)"
             self._write(
-                f"# done: step {state.global_step}/{state.max_steps}, {steps} steps in {logs['train_runtime']:.1f} s "
-                f"this run, mean loss {mean}"
+                f"# done: step {state.global_step}/{state.max_steps}, {state.global_step - self._first_step} steps in "
+                f"{logs['train_runtime']:.1f} s this run, mean loss {mean}"
             )

@@ -175,7 +175,8 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a packed 4-bit tensor element holds several weights."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
+        # A parameter partitioned by ZeRO-3 at load time (an unquantized model) is empty here; ds_numel is its size.
+        count = getattr(param, "ds_numel", param.numel())
         if param.__class__.__name__ == "Params4bit":
             count *= 2 * param.element_size()
         total += count
@@ -201,6 +202,15 @@ def eval_metrics_of_last_step(trainer) -> dict | None:
         if step and entry.get("step") == step and "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
     return None
+
+
+def write_loss_curves(output_dir: Path) -> str:
+    """For headless servers: the loss curves as a picture, without starting TensorBoard. Returns what to print."""
+    try:
+        return f"Loss curves: {plot_training_curves(output_dir)}"
+    except FileNotFoundError:
+        # Nothing was logged: fewer optimizer steps than --logging_steps, and no evaluation.
+        return "No loss curves: no loss was logged (fewer optimizer steps than --logging_steps)."
 
 
 def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
@@ -287,8 +297,7 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.do_train and training_args.should_save:
-        # For headless servers: the curves as a picture, without starting TensorBoard.
-        log(f"Loss curves: {plot_training_curves(output_dir)}")
+        log(write_loss_curves(output_dir))
     log(f"Outputs are in {output_dir}")
 
 

@@ -1,0 +1,90 @@
+"""The recipe's own steps around the Trainer: argument checks, output folder (resume or start over), parameter
+counts, loss curves at the end of a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from internvl.model.loading import load_internvl_model
+from internvl.train.arguments import parse_args
+from internvl.train.internvl_chat_finetune import (
+    check_arguments,
+    count_parameters,
+    prepare_output_dir,
+    write_loss_curves,
+)
+
+
+def arguments(output_dir, *extra):
+    return parse_args(["--model_name_or_path", "m", "--meta_path", "meta.json", "--output_dir", str(output_dir),
+                       "--report_to", "none", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "Nothing to do"),
+        (["--do_train", "True"], "4-bit LLM cannot be trained directly"),
+        (["--do_train", "True", "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True"],
+         "nothing to train"),
+    ],
+)  # fmt: skip
+def test_arguments_that_cannot_train_are_refused_before_loading(tmp_path, extra, message):
+    model_args, _, training_args = arguments(tmp_path, *extra)
+    with pytest.raises(ValueError, match=message):
+        check_arguments(model_args, training_args)
+
+
+def make_checkpoint(output_dir, step, complete=True):
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def test_rerun_resumes_from_the_last_complete_checkpoint(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4, complete=False)  # killed while saving
+    _, _, training_args = arguments(tmp_path, "--do_train", "True")
+    assert prepare_output_dir(training_args) == str(tmp_path / "checkpoint-2")
+
+
+def test_overwrite_output_dir_starts_over(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    (tmp_path / "training_log.txt").write_text("step 1/2 | ...\n")
+    (tmp_path / "command.txt").write_text("# the earlier run\n")
+    _, _, training_args = arguments(tmp_path, "--do_train", "True", "--overwrite_output_dir", "True")
+    assert prepare_output_dir(training_args) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["command.txt"]  # every launch stays recorded
+
+
+def test_parameter_counts_are_in_weights_whatever_the_storage(tiny_model_dir):
+    full = load_internvl_model(tiny_model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    quantized = load_internvl_model(tiny_model_dir, load_in_4bit=True, torch_dtype=torch.bfloat16)
+    # A packed 4-bit element holds several weights: both models have the same number of weights.
+    assert count_parameters(quantized)[1] == count_parameters(full)[1] == sum(p.numel() for p in full.parameters())
+
+    # Under ZeRO-3 a partitioned parameter is empty on a rank; DeepSpeed records its size as ds_numel.
+    partitioned = torch.nn.Linear(4, 3)
+    for param in partitioned.parameters():
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    partitioned.bias.requires_grad_(False)
+    assert count_parameters(partitioned) == (12, 15)
+
+
+def test_loss_curves_or_why_there_are_none(tmp_path):
+    # A run shorter than --logging_steps, without evaluation: the trainer state holds only the final summary.
+    state = {"global_step": 3, "log_history": [{"step": 3, "train_runtime": 1.0, "train_loss": 2.0}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert "--logging_steps" in write_loss_curves(tmp_path)
+    assert not (tmp_path / "loss_curves.png").exists()
+
+    state["log_history"].insert(0, {"step": 3, "loss": 2.0})
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert write_loss_curves(tmp_path) == f"Loss curves: {tmp_path / 'loss_curves.png'}"
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
