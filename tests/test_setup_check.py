@@ -20,17 +20,8 @@ from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.prepare import prepare_dataset
 from internvl.model.configuration import InternVLChatConfig
 from internvl.tools import setup_check
-from internvl.tools.setup_check import (
-    FAIL,
-    GIB,
-    OK,
-    WARN,
-    ModelDims,
-    SetupChecker,
-    SetupSettings,
-    estimate_disk_usage,
-    estimate_gpu_memory,
-)
+from internvl.tools.resource_estimates import GIB, ModelDims, estimate_disk_usage, estimate_gpu_memory
+from internvl.tools.setup_check import FAIL, OK, WARN, SetupChecker, SetupSettings
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "test_internvl3_setup.py"

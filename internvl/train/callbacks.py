@@ -88,7 +88,7 @@ class TrainingLogCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / TRAINING_LOG_NAME
-        # Loss summed over this session's logged optimizer steps (the trainer's own train_loss divides by every step
+        # Loss summed over this run's logged optimizer steps (the trainer's own train_loss divides by every step
         # since the start of training, so it is too small after a resume).
         self._loss_sum = 0.0
         self._first_step = self._last_step = 0
