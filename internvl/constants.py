@@ -4,6 +4,8 @@ The special tokens and their order match the official InternVL checkpoints (ids 
 Qwen2-based InternVL3 tokenizer).
 """
 
+from pathlib import Path
+
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -34,6 +36,10 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 
 IGNORE_INDEX = -100
+
+# Shipped configuration files: DeepSpeed JSONs and the InternVL3-8B model config (its true shape, no weights).
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+INTERNVL3_8B_CONFIG = CONFIGS_DIR / "internvl3_8b_config.json"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

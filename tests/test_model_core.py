@@ -15,6 +15,7 @@ from internvl.constants import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
+    INTERNVL3_8B_CONFIG,
     INTERNVL_SPECIAL_TOKENS,
 )
 from internvl.conversation import INTERNVL_SYSTEM_MESSAGE
@@ -22,7 +23,6 @@ from internvl.model import InternVLChatConfig, InternVLChatModel, load_internvl_
 from internvl.model.internvl_chat import pixel_shuffle
 from internvl.model.tiny import create_tiny_model
 
-REAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "internvl3_8b_config.json"
 
 
 def checkpoint_keys(model_dir: Path) -> set[str]:
@@ -146,7 +146,7 @@ def test_checkpoint_saved_with_lora_layers_reloads_them(tiny_model_dir, tmp_path
 
 def test_official_checkpoint_config_with_extra_keys_loads(tiny_model_dir, tmp_path):
     """A directory laid out like OpenGVLab/InternVL3-*: remote-code auto_map, MoE leftovers, legacy RoPE keys."""
-    official = json.loads(REAL_CONFIG.read_text())
+    official = json.loads(INTERNVL3_8B_CONFIG.read_text())
     config = json.loads((tiny_model_dir / "config.json").read_text())
     for key in ("auto_map", "_name_or_path", "system_message", "image_fold", "torch_dtype"):
         config[key] = official[key]
@@ -167,7 +167,7 @@ def test_official_checkpoint_config_with_extra_keys_loads(tiny_model_dir, tmp_pa
 
 
 def test_internvl3_8b_config_values():
-    config = InternVLChatConfig.from_pretrained(REAL_CONFIG)
+    config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
     vision, llm = config.vision_config, config.llm_config
     assert config.hidden_size == llm.hidden_size == 3584
     assert config.num_image_token == 256
@@ -189,7 +189,7 @@ def test_internvl3_8b_config_values():
 
 
 def test_num_image_token_follows_image_size_and_downsample_ratio():
-    config = InternVLChatConfig.from_pretrained(REAL_CONFIG)
+    config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
     config.force_image_size = 224
     assert config.num_image_token == (224 // 14) ** 2 // 4
     config.downsample_ratio = 0.25

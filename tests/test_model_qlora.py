@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 
-from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, INTERNVL3_8B_CONFIG
 from internvl.model import InternVLChatConfig, InternVLChatModel, build_bnb_config, load_internvl_model
 
-REAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "internvl3_8b_config.json"
 
 
 def training_batch(model, tokenizer, num_tiles: int = 2) -> dict[str, torch.Tensor]:
@@ -96,7 +94,7 @@ def test_config_overrides_apply_before_the_model_is_built(tiny_model_dir):
 
 
 def test_lora_trainable_parameters_on_the_internvl3_8b_shape():
-    config = InternVLChatConfig.from_pretrained(REAL_CONFIG)
+    config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
     with torch.device("meta"):
         model = InternVLChatModel(config)
     freeze_vision_and_projector(model)

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.constants import INTERNVL3_8B_CONFIG
 from internvl.data.prepare import prepare_dataset
 from internvl.model.configuration import InternVLChatConfig
 from internvl.tools import setup_check
@@ -25,7 +26,6 @@ from internvl.tools.setup_check import FAIL, OK, WARN, SetupChecker, SetupSettin
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "test_internvl3_setup.py"
-INTERNVL3_8B_CONFIG = REPO / "configs" / "internvl3_8b_config.json"
 LAUNCHER_VARIABLES = ("GPUS", "NNODES", "NODE_RANK", "PER_DEVICE_BATCH_SIZE", "BATCH_SIZE", "MODEL_PATH", "META_PATH",
                       "OUTPUT_DIR", "LORA_RANK", "DEEPSPEED_CONFIG", "SLURM_GPUS_ON_NODE", "SLURM_NNODES")  # fmt: skip
 # Few frames per video keep the batch check fast on CPU.

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from internvl.constants import CHATML_SPECIAL_TOKENS, IGNORE_INDEX, IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
+from internvl.constants import (
+    CHATML_SPECIAL_TOKENS,
+    IGNORE_INDEX,
+    IMG_CONTEXT_TOKEN,
+    INTERNVL3_8B_CONFIG,
+    INTERNVL_SPECIAL_TOKENS,
+)
 from internvl.tools.resource_estimates import (
     GIB,
     DiskEstimate,
@@ -42,8 +48,6 @@ from internvl.tools.resource_estimates import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS_FILE = REPO_ROOT / "requirements_official.txt"
-CONFIGS_DIR = REPO_ROOT / "configs"
-BUNDLED_MODEL_CONFIG = CONFIGS_DIR / "internvl3_8b_config.json"
 DOWNLOAD_COMMAND = "bash scripts/download_internvl3_models.sh"
 PREPARE_COMMAND = "python scripts/prepare_internvl3_finetuning.py --input <annotations> --output-dir internvl3_data"
 
@@ -557,9 +561,12 @@ class SetupChecker:
         path = self.settings.deepspeed_config
         name = "DeepSpeed config"
         if not path.is_file():
-            shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.json")))
-            return [_fail(name, f"{path} not found",
-                          f"set DEEPSPEED_CONFIG to a file, or to one shipped in configs/: {shipped}")]
+            from internvl.train.arguments import resolve_deepspeed_config
+
+            try:
+                resolve_deepspeed_config(str(path))
+            except FileNotFoundError as error:  # names the configs shipped in configs/
+                return [_fail(name, str(error), "set DEEPSPEED_CONFIG to a file, or to a name shipped in configs/")]
         config, error = _read_json(path)
         if error:
             return [_fail(name, f"not valid JSON: {error}", "fix the JSON syntax at that position")]
@@ -951,8 +958,8 @@ class SetupChecker:
             return ModelDims.from_config(self.model_config), ""
         from internvl.model.configuration import InternVLChatConfig
 
-        config = InternVLChatConfig.from_pretrained(BUNDLED_MODEL_CONFIG)
-        return ModelDims.from_config(config), f" [for InternVL3-8B, {BUNDLED_MODEL_CONFIG.name}: no model config read]"
+        config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
+        return ModelDims.from_config(config), f" [for InternVL3-8B, {INTERNVL3_8B_CONFIG.name}: no model config read]"
 
     def check_memory(self) -> list[CheckResult]:
         s = self.settings

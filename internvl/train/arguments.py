@@ -20,7 +20,8 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+from internvl.constants import CONFIGS_DIR
+
 
 
 @dataclass

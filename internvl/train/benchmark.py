@@ -30,14 +30,13 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from internvl.constants import IGNORE_INDEX
+from internvl.constants import IGNORE_INDEX, INTERNVL3_8B_CONFIG
 from internvl.data.files import atomic_directory, atomic_write_text
-from internvl.train.arguments import CONFIGS_DIR
 from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
 from internvl.train.launch import resolve_plan, visible_gpu_count
 from internvl.train.trainer import InternVLTrainer
 
-DEFAULT_MODEL_CONFIG = CONFIGS_DIR / "internvl3_8b_config.json"
+DEFAULT_MODEL_CONFIG = INTERNVL3_8B_CONFIG
 TINY_MODEL = "tiny"
 # Dense BF16 tensor-core rate of an H100 / H200 SXM (vendor datasheet), per GPU.
 DEFAULT_PEAK_TFLOPS = 989.0
