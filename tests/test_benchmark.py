@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from internvl.train import benchmark
 from internvl.train.benchmark import (
     DEFAULT_MODEL_CONFIG,
     BenchmarkSettings,
@@ -77,6 +79,21 @@ def test_benchmark_runs_the_guide_flags_with_its_overrides(tmp_path):
     assert value("--dataloader_num_workers") == "1"
     assert value("--deepspeed") == "zero_stage2_config.json"
     assert value("--model_name_or_path") == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("caller_setting", [None, "expandable_segments:False"])
+def test_benchmark_on_gpus_uses_the_launchers_allocator_default_unless_the_caller_sets_one(
+    tmp_path, monkeypatch, caller_setting
+):
+    monkeypatch.setattr(benchmark, "visible_gpu_count", lambda: 2)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    if caller_setting:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", caller_setting)
+    settings = BenchmarkSettings(work_dir=str(tmp_path))
+    _, env, plan = benchmark_command(settings, tmp_path / "ckpt", tmp_path / "meta.json", tmp_path / "r.json")
+    child_env = {**os.environ, **env}  # what run_benchmark starts torchrun with
+    assert child_env["PYTORCH_CUDA_ALLOC_CONF"] == (caller_setting or "expandable_segments:True")
+    assert "--use_cpu" not in plan.train_args
 
 
 def test_cpu_run_reports_figures_consistent_with_the_batches(tmp_path):

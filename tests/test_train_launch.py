@@ -34,11 +34,17 @@ def test_guide_defaults_on_two_gpus():
     assert flag(args, "--learning_rate") == "2e-5"
     assert flag(args, "--num_train_epochs") == "3"
     assert flag(args, "--deepspeed") == "zero_stage3_config.json"
-    assert "--use_cpu" not in args and plan.env == {}
+    assert "--use_cpu" not in args
+    assert plan.env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     command = plan.command("python")
     assert command[:3] == ["python", "-m", "torch.distributed.run"]
     assert flag(command, "--nproc_per_node") == "2" and flag(command, "--master_port") == "34229"
     assert str(FINETUNE_SCRIPT) in command
+
+
+def test_the_users_cuda_allocator_settings_are_kept():
+    plan = resolve_plan({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, [], visible_gpus=2)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in plan.env  # the launcher passes the caller's environment on unchanged
 
 
 def test_default_launch_means_the_guide_command(tmp_path):

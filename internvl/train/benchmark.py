@@ -32,8 +32,8 @@ from transformers import TrainerCallback
 
 from internvl.constants import IGNORE_INDEX, INTERNVL3_8B_CONFIG
 from internvl.data.files import atomic_directory, atomic_write_text
+from internvl.train.launch import CUDA_ALLOC_CONF_ENV, resolve_plan, visible_gpu_count
 from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
-from internvl.train.launch import resolve_plan, visible_gpu_count
 from internvl.train.trainer import InternVLTrainer
 
 DEFAULT_MODEL_CONFIG = INTERNVL3_8B_CONFIG
@@ -374,6 +374,7 @@ class BenchmarkTrainer(InternVLTrainer):
             "steps": len(self.meter.steps),
             "warmup_steps": self.warmup_steps,
             "gpu_memory_cap_gib": self.memory_cap_gib,
+            "cuda_alloc_conf": os.environ.get(CUDA_ALLOC_CONF_ENV),
             "peak_tflops_per_gpu": self.peak_tflops,
         }
 
@@ -528,6 +529,8 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
         "DEEPSPEED_CONFIG": settings.deepspeed,
         "MASTER_PORT": str(_free_port()),
     }
+    if CUDA_ALLOC_CONF_ENV in os.environ:  # the caller's allocator settings win over the launcher's default
+        env[CUDA_ALLOC_CONF_ENV] = os.environ[CUDA_ALLOC_CONF_ENV]
     total_steps = settings.warmup_steps + settings.steps
     overrides = [
         "--max_steps", str(total_steps),

@@ -10,6 +10,7 @@ thin wrappers around this module, so the batch arithmetic and the defaults are t
     BATCH_SIZE             samples per optimizer step over all processes (default 32); gradient accumulation
                            = BATCH_SIZE / (PER_DEVICE_BATCH_SIZE x GPUS x NNODES) and must be a whole number
     MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, LR, EPOCHS, DEEPSPEED_CONFIG
+    PYTORCH_CUDA_ALLOC_CONF  PyTorch's CUDA allocator settings (default on GPUs: ``expandable_segments:True``)
 
 Arguments after the environment (``"$@"`` of the shell scripts) are appended to the training command, so they
 override the defaults. Without GPUs the run uses DeepSpeed's CPU accelerator (gloo) and ``--use_cpu True``.
@@ -31,6 +32,11 @@ from internvl.data.dataset import EVAL_SUFFIX
 FINETUNE_SCRIPT = Path(__file__).with_name("internvl_chat_finetune.py")
 # The training process records the command that started it (``command.txt``) from this variable.
 LAUNCH_COMMAND_ENV = "INTERNVL_LAUNCH_COMMAND"
+# Growable allocator segments: the varying activation sizes of checkpointed video batches otherwise leave about
+# 10 GiB of cached but unusable blocks per GPU (docs/BENCHMARKS.md), enough to push the guide's default past a 24 GB
+# card. A value the user sets is kept.
+CUDA_ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
 
 DEFAULTS = {
     "PER_DEVICE_BATCH_SIZE": "4",
@@ -170,6 +176,8 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
     if use_cpu:
         train_args += ["--use_cpu", "True"]
         launch_env["DS_ACCELERATOR"] = "cpu"
+    elif CUDA_ALLOC_CONF_ENV not in env:
+        launch_env[CUDA_ALLOC_CONF_ENV] = DEFAULT_CUDA_ALLOC_CONF
     return LaunchPlan(
         nnodes=nnodes,
         node_rank=node_rank,
