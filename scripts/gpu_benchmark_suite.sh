@@ -30,21 +30,37 @@ SECONDS=0
 wait; echo "checkpoint and CPU Adam ready after ${SECONDS}s"; pack
 # ZeRO-3 + offload with every parameter of the 8B model under the persistence threshold: the frozen 4-bit base stays
 # whole on each GPU, only the LoRA weights and their optimizer state are partitioned and offloaded.
-"$PYTHON" -c "import json, sys; c = json.load(open('configs/zero_stage3_config.json')); c['zero_optimization']['stage3_param_persistence_threshold'] = 1e9; json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$R/zero3_persistent.json"
+variant() {  # OUTPUT KEY VALUE: the shipped ZeRO-3 config with one zero_optimization setting changed
+  "$PYTHON" -c "import json, sys; c = json.load(open('configs/zero_stage3_config.json')); c['zero_optimization'][sys.argv[2]] = float(sys.argv[3]); json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$@"
+}
+variant "$R/zero3_persistent.json" stage3_param_persistence_threshold 1e9
+# DeepSpeed's own knob against per-module hook overhead: modules whose parameters per descendant fall under the
+# threshold (here each LLM decoder layer and the vision tower) are fetched and released as one unit.
+variant "$R/zero3_granular.json" stage3_module_granularity_threshold 1e8
 
 run() {  # NAME TIME_LIMIT_S [benchmark options]
   local name=$1 limit=$2; shift 2
   wanted "$name" || return 0
   local start=$SECONDS
+  # What the GPUs really hold (CUDA context and NCCL buffers included), next to PyTorch's own figures.
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -l 2 > "$R/$name.nvidia-smi.csv" 2>&1 &
+  local monitor=$!
   timeout -s TERM "$limit" "$PYTHON" scripts/benchmark_training.py --model-config "$MODEL_CONFIG" --work-dir "$WORK" \
     --gpu-memory-cap-gb "$CAP" --frames "$FRAMES" --max-seq-length 8192 --per-device-batch-size "$BS" \
     --grad-accum "$ACCUM" --steps 2 --warmup-steps 1 --name "$name" --output "$R/$name.json" "$@" > "$R/$name.log" 2>&1
-  echo "$name rc=$? $((SECONDS - start))s | $(tail -1 "$R/$name.log")"
+  local rc=$?
+  kill "$monitor" 2>/dev/null
+  local most=$(sort -t, -k2 -n "$R/$name.nvidia-smi.csv" | tail -1)
+  echo "$name rc=$rc $((SECONDS - start))s | $(tail -1 "$R/$name.log") | nvidia-smi max (gpu, MiB): $most"
   pack
 }
 run default 200 --deepspeed zero_stage3_config.json
 run persistent 200 --deepspeed "$R/zero3_persistent.json"
+run granular 200 --deepspeed "$R/zero3_granular.json"
 run zero2 180 --deepspeed zero_stage2_config.json
+# A 24 GB card (24,564 MiB) minus about 1.5 GiB for the CUDA context and NCCL: 22.5 GiB for PyTorch.
+run default_24gb 200 --deepspeed zero_stage3_config.json --gpu-memory-cap-gb 22.5
+run zero2_24gb 180 --deepspeed zero_stage2_config.json --gpu-memory-cap-gb 22.5
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False run default_cached 200 --deepspeed zero_stage3_config.json
 run no_offload 200 --deepspeed zero_stage3_no_offload_config.json
 run bf16_lora 180 --deepspeed zero_stage2_config.json --no-4bit
