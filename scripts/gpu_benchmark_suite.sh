@@ -5,6 +5,7 @@
 #   RUNS="default zero2"   only these variants (names below); the random checkpoint is written once per WORK folder
 #   BASELINE=plain.py      also run a plain transformers + peft + bitsandbytes loop on GPU 0 beside the one-GPU run on
 #                          GPU 1 (run "baseline"); it gets the output JSON and the default run's sample length
+#   NPROC=1                processes per run (default: the visible GPUs; "one_gpu" always uses 1)
 #   FRAMES, BS, ACCUM, CAP (GiB per process), WORK (checkpoint + data folder), MODEL_CONFIG, PYTHON
 # On a machine without bitsandbytes/deepspeed, install the wheels of scripts/gather_gpu_wheels.sh first.
 set -u
@@ -47,7 +48,8 @@ run() {  # NAME TIME_LIMIT_S [benchmark options]
   local monitor=$!
   timeout -s TERM "$limit" "$PYTHON" scripts/benchmark_training.py --model-config "$MODEL_CONFIG" --work-dir "$WORK" \
     --gpu-memory-cap-gb "$CAP" --frames "$FRAMES" --max-seq-length 8192 --per-device-batch-size "$BS" \
-    --grad-accum "$ACCUM" --steps 2 --warmup-steps 1 --name "$name" --output "$R/$name.json" "$@" > "$R/$name.log" 2>&1
+    --grad-accum "$ACCUM" --steps 2 --warmup-steps 1 --name "$name" --output "$R/$name.json" ${NPROC:+--nproc-per-node "$NPROC"} \
+    "$@" > "$R/$name.log" 2>&1
   local rc=$?
   kill "$monitor" 2>/dev/null
   local most=$(sort -t, -k2 -n "$R/$name.nvidia-smi.csv" | tail -1)
