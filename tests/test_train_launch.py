@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from internvl.train.arguments import parse_args
-from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan
+from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan, zero3_speed_note
 from test_train_e2e import guide_training_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,38 @@ def test_guide_defaults_on_two_gpus():
 def test_the_users_cuda_allocator_settings_are_kept():
     plan = resolve_plan({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, [], visible_gpus=2)
     assert "PYTORCH_CUDA_ALLOC_CONF" not in plan.env  # the launcher passes the caller's environment on unchanged
+
+
+def test_zero3_on_gpus_comes_with_the_measured_cost_and_the_faster_stage(tmp_path):
+    note = zero3_speed_note(resolve_plan({}, [], visible_gpus=2))
+    assert note and "ZeRO-2" in note and "DEEPSPEED_CONFIG=zero_stage2_config.json" in note
+    assert zero3_speed_note(resolve_plan({"DEEPSPEED_CONFIG": "zero_stage3_no_offload_config.json"}, [], 2))
+    custom = tmp_path / "my_zero3.json"
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert zero3_speed_note(resolve_plan({"DEEPSPEED_CONFIG": str(custom)}, [], 2))
+
+
+def test_launcher_prints_the_note_before_starting_on_gpus(monkeypatch, capsys):
+    from internvl.train import launch
+
+    monkeypatch.setattr(launch, "visible_gpu_count", lambda: 2)
+    for name in ("DEEPSPEED_CONFIG", "GPUS", "PER_DEVICE_BATCH_SIZE", "BATCH_SIZE", "NNODES", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    launch.main(["--dry-run"])
+    printed = capsys.readouterr().out
+    assert "DEEPSPEED_CONFIG=zero_stage2_config.json" in printed
+    launch.main(["--dry-run", "--deepspeed", "zero_stage2_config.json"])
+    assert "DEEPSPEED_CONFIG=zero_stage2_config.json" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, extra, gpus", [
+    ({"DEEPSPEED_CONFIG": "zero_stage2_config.json"}, [], 2),
+    ({}, ["--deepspeed", "zero_stage2_config.json"], 2),  # the last --deepspeed is the one training uses
+    ({}, [], 0),  # CPU processes: the GPU measurements do not apply
+    ({"DEEPSPEED_CONFIG": "missing.json"}, [], 2),  # training reports the missing file itself
+])  # fmt: skip
+def test_no_speed_note_for_other_stages_cpu_runs_or_unreadable_configs(env, extra, gpus):
+    assert zero3_speed_note(resolve_plan(env, extra, visible_gpus=gpus)) is None
 
 
 def test_default_launch_means_the_guide_command(tmp_path):
