@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,17 @@ def test_config_overrides_apply_before_the_model_is_built(tiny_model_dir):
     assert model.vision_model.encoder.layers[-1].drop_path1.drop_prob == pytest.approx(0.2)
     with pytest.raises(ValueError, match="not supported"):
         load_internvl_model(tiny_model_dir, load_in_4bit=False, config_overrides={"num_hidden_layers": 1})
+
+
+def test_wrapping_lora_hides_only_peft_s_own_deprecation_warning(tiny_model_dir):
+    model = load_internvl_model(tiny_model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    message = "`is_gradient_checkpointing` is deprecated"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.wrap_llm_lora(r=4)
+        assert not [w for w in caught if message in str(w.message)]
+        warnings.warn(f"{message} (raised by user code)", FutureWarning)  # the filter does not outlive the wrap
+    assert [w for w in caught if message in str(w.message)]
 
 
 def test_lora_trainable_parameters_on_the_internvl3_8b_shape():

@@ -150,6 +150,8 @@ def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir
     ) + SMALL_RUN  # fmt: skip
     result = subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     check_run(result)
+    # DeepSpeed's deprecated torch.distributed calls would otherwise warn on every step of every process.
+    assert "is deprecated. Please use `torch.distributed" not in result.stdout + result.stderr
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     steps = state["global_step"]

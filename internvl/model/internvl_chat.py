@@ -8,6 +8,7 @@ PEFT and DeepSpeed all apply to it as to any transformers LLM.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -193,7 +194,10 @@ class InternVLChatModel(PreTrainedModel):
             target_modules=LLM_LORA_TARGETS[architecture],
             task_type="CAUSAL_LM",
         )
-        self.language_model = get_peft_model(self.language_model, lora_config)
+        with warnings.catch_warnings():
+            # peft reads transformers 5's deprecated `is_gradient_checkpointing`; nothing for users to change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            self.language_model = get_peft_model(self.language_model, lora_config)
         self.enable_input_require_grads()
         self.config.use_llm_lora = r
         self.language_model.print_trainable_parameters()

@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -47,6 +48,9 @@ from internvl.train.trainer import InternVLTrainer
 
 RUN_ARGS_NAME = "run_args.json"
 COMMAND_NAME = "command.txt"
+# DeepSpeed's ZeRO collectives call torch.distributed functions that torch >= 2.14 deprecates, with a warning on
+# every step of every process; nothing for users to change.
+DEEPSPEED_COLLECTIVE_DEPRECATION = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
 def log(message: str) -> None:
@@ -234,6 +238,7 @@ def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
 def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = InternVLTrainer) -> None:
     """Train and/or evaluate; ``trainer_class`` lets a benchmark measure the very same run."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATION, category=FutureWarning)
     model_args, data_args, training_args = parse_args(argv)
     check_arguments(model_args, training_args)
     set_seed(training_args.seed)
