@@ -6,6 +6,7 @@ import json
 import runpy
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,14 @@ def test_merged_float32_model_matches_base_plus_adapter(tiny_lora_output, tiny_m
     assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
     # The adapter really changes the model, so the equality above is not trivially true.
     assert (_logits(base, model_inputs) - expected).abs().max() > 100 * FLOAT32_ATOL
+
+
+def test_loading_an_adapter_shows_no_peft_deprecation_warning(tiny_lora_output):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, source = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
+    assert source.llm_adapter is not None  # an adapter was really loaded
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_merge_changes_exactly_the_lora_targets(tiny_lora_output, tiny_model_dir, tmp_path):

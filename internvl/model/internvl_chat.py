@@ -8,6 +8,7 @@ PEFT and DeepSpeed all apply to it as to any transformers LLM.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float = 0.5, version: st
         raise ValueError(f"ps_version must be 'v1' or 'v2', got {version!r}")
     return blocks.reshape(blocks.shape[0], blocks.shape[1], blocks.shape[2], block * block * channels)
 
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Wrapping or loading a causal-LM adapter, without the FutureWarning peft triggers by reading transformers 5's
+    deprecated ``is_gradient_checkpointing`` (nothing for users to change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 @dataclass
 class InternVLChatOutput(ModelOutput):
@@ -194,9 +204,7 @@ class InternVLChatModel(PreTrainedModel):
             target_modules=LLM_LORA_TARGETS[architecture],
             task_type="CAUSAL_LM",
         )
-        with warnings.catch_warnings():
-            # peft reads transformers 5's deprecated `is_gradient_checkpointing`; nothing for users to change.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with quiet_peft_wrapping():
             self.language_model = get_peft_model(self.language_model, lora_config)
         self.enable_input_require_grads()
         self.config.use_llm_lora = r

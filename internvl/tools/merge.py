@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from internvl.data.files import atomic_directory, atomic_write_text
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_internvl_model, load_tokenizer
+from internvl.model.internvl_chat import quiet_peft_wrapping
 from internvl.model.loading import OVERRIDABLE_FIELDS, OVERRIDABLE_VISION_FIELDS
 from internvl.train.checkpoint import ADAPTER_FOLDERS, NON_LORA_WEIGHTS_NAME
 
@@ -155,7 +156,8 @@ def load_model(
     if source.vision_adapter is not None:
         model.vision_model = PeftModel.from_pretrained(model.vision_model, source.vision_adapter)
     if source.llm_adapter is not None:
-        model.language_model = PeftModel.from_pretrained(model.language_model, source.llm_adapter)
+        with quiet_peft_wrapping():
+            model.language_model = PeftModel.from_pretrained(model.language_model, source.llm_adapter)
     if source.non_lora_weights is not None:
         _load_non_lora_weights(model, source.non_lora_weights)
     # The training output's tokenizer is the one the adapter was trained with; the base model's is the same file.
