@@ -53,7 +53,8 @@ run() {  # NAME TIME_LIMIT_S [benchmark options]
 run default 200 --deepspeed zero_stage3_config.json
 run persistent 200 --deepspeed "$R/zero3_persistent.json"
 run zero2 180 --deepspeed zero_stage2_config.json
-# A 24 GB card (24,564 MiB) minus about 1.5 GiB for the CUDA context and NCCL: 22.5 GiB for PyTorch.
+# A 24 GB card (24,564 MiB) less the CUDA context and NCCL (1.5-2 GiB): 22.5 GiB for PyTorch. Compare the
+# nvidia-smi peak, which includes them, with the card's 24,564 MiB.
 run default_24gb 200 --deepspeed zero_stage3_config.json --gpu-memory-cap-gb 22.5
 run zero2_24gb 180 --deepspeed zero_stage2_config.json --gpu-memory-cap-gb 22.5
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False run default_cached 200 --deepspeed zero_stage3_config.json

@@ -70,7 +70,6 @@ def pixel_shuffle(features: torch.Tensor, scale_factor: float = 0.5, version: st
     return blocks.reshape(blocks.shape[0], blocks.shape[1], blocks.shape[2], block * block * channels)
 
 
-
 @contextlib.contextmanager
 def quiet_peft_wrapping():
     """Wrapping or loading a causal-LM adapter, without the FutureWarning peft triggers by reading transformers 5's
@@ -78,6 +77,7 @@ def quiet_peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         yield
+
 
 @dataclass
 class InternVLChatOutput(ModelOutput):
