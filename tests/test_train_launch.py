@@ -72,6 +72,7 @@ def test_launcher_prints_the_note_before_starting_on_gpus(monkeypatch, capsys):
 @pytest.mark.parametrize("env, extra, gpus", [
     ({"DEEPSPEED_CONFIG": "zero_stage2_config.json"}, [], 2),
     ({}, ["--deepspeed", "zero_stage2_config.json"], 2),  # the last --deepspeed is the one training uses
+    ({}, ["--deepspeed=zero_stage2_config.json"], 2),
     ({}, [], 0),  # CPU processes: the GPU measurements do not apply
     ({"DEEPSPEED_CONFIG": "missing.json"}, [], 2),  # training reports the missing file itself
 ])  # fmt: skip

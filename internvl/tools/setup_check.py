@@ -120,7 +120,7 @@ class SetupSettings:
             resolve_deepspeed_config,
             strip_unsupported_flags,
         )
-        from internvl.train.launch import DEFAULTS, resolve_plan
+        from internvl.train.launch import DEFAULTS, flag_values, resolve_plan
 
         environ = dict(os.environ if environ is None else environ)
         if visible_gpus is None:
@@ -162,7 +162,7 @@ class SetupSettings:
                 )
         except SystemExit:
             raise ValueError(f"training arguments rejected: {stderr.getvalue().strip().splitlines()[-1]}") from None
-        flags = _flag_values(rest)
+        flags = flag_values(rest)
         deepspeed = flags.get("deepspeed", "")
         try:
             deepspeed = resolve_deepspeed_config(deepspeed) or deepspeed
@@ -197,25 +197,6 @@ def _int_or(value: Any, default: Any) -> Any:
 
 def _is_true(value: str | None) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
-
-
-def _flag_values(args: Sequence[str]) -> dict[str, str]:
-    """``--name value`` / ``--name=value`` pairs (the last occurrence wins, as in argparse); a bare flag is True."""
-    values, i = {}, 0
-    while i < len(args):
-        token = args[i]
-        if not token.startswith("--"):
-            i += 1
-            continue
-        name, sep, value = token[2:].partition("=")
-        if not sep:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value, i = args[i + 1], i + 1
-            else:
-                value = "True"
-        values[name] = value
-        i += 1
-    return values
 
 
 # --------------------------------------------------------------------------------------------------------------

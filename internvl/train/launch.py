@@ -25,7 +25,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from internvl.data.dataset import EVAL_SUFFIX
 
@@ -201,7 +201,7 @@ def zero3_speed_note(plan: LaunchPlan) -> str | None:
     if plan.use_cpu:
         return None
     try:
-        path = resolve_deepspeed_config(_last_value(plan.train_args, "--deepspeed"))
+        path = resolve_deepspeed_config(flag_values(plan.train_args).get("deepspeed"))
         with open(path, encoding="utf-8") as f:
             stage = json.load(f).get("zero_optimization", {}).get("stage")
     except (OSError, ValueError, TypeError, AttributeError):
@@ -215,10 +215,23 @@ def zero3_speed_note(plan: LaunchPlan) -> str | None:
     )
 
 
-def _last_value(args: list[str], flag: str) -> str | None:
-    """The value of the last ``flag`` in ``args`` (the one argparse keeps), or None."""
-    positions = [i for i, arg in enumerate(args[:-1]) if arg == flag]
-    return args[positions[-1] + 1] if positions else None
+def flag_values(args: Sequence[str]) -> dict[str, str]:
+    """``--name value`` / ``--name=value`` pairs (the last occurrence wins, as in argparse); a bare flag is True."""
+    values, i = {}, 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            i += 1
+            continue
+        name, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "True"
+        values[name] = value
+        i += 1
+    return values
 
 
 def visible_gpu_count() -> int:
