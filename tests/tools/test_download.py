@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from internvl.tools import download
-from test_setup_check import write_sharded_checkpoint
+from tests.tools.test_setup_check import write_sharded_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "download_internvl3_models.sh"
 SECRET = "hf_secret_token_value_123"
 OFFLINE_ERROR = "Error: Cannot reach https://huggingface.co/api/models/OpenGVLab/InternVL3-8B/revision/main: timed out"
@@ -96,6 +96,7 @@ def test_modelscope_source(tmp_path):
                                                                  "--local_dir", str(local_dir)]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_download_then_verify_with_the_older_client(sharded_model, tmp_path):
     # Only huggingface-cli is installed; it "downloads" by copying the fake model folder.
     bin_dir = tmp_path / "bin"

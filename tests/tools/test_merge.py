@@ -17,7 +17,7 @@ from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.model import load_internvl_model, load_tokenizer
 from internvl.tools.merge import MERGE_INFO_NAME, load_model_for_inference, merge_lora, resolve_model_source
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # float32 merge: W + s*B@A is computed once instead of x@W + s*(x@A)@B: only float32 rounding differs.
 FLOAT32_ATOL = 1e-5
 # bfloat16 merge: the merged weights are rounded to bf16 (8 significant bits); logits move by ~0.3% of their

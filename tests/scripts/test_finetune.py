@@ -27,7 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+
+# Real multi-process runs through the scripts: minutes each (`pytest -m "not e2e"` leaves them out).
+pytestmark = pytest.mark.e2e
 
 # The fine-tuning command of the users' guide, as printed there.
 GUIDE_COMMAND = r"""

@@ -16,7 +16,7 @@ from internvl.tools import evaluate
 from internvl.tools.evaluate import EvaluationConfig, load_eval_records, run_evaluation
 from internvl.tools.metrics import compute_metrics
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS = {"rouge1", "rouge2", "rougeL", "bleu4", "cider", "meteor"}
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from internvl.train.arguments import parse_args
 from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan, zero3_speed_note
-from test_train_e2e import guide_training_args
+from tests.scripts.test_finetune import guide_training_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def flag(args: list[str], name: str) -> str:
@@ -168,6 +168,7 @@ def run_script(script: str, env: dict, *args: str) -> subprocess.CompletedProces
                           text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_finetune_script_dry_run_prints_the_torchrun_command():
     result = run_script("finetune_internvl3_8b_4bit_lora.sh", {"GPUS": "2", "BATCH_SIZE": "16"}, "--dry-run",
                         "--max_steps", "3")
@@ -178,6 +179,7 @@ def test_finetune_script_dry_run_prints_the_torchrun_command():
     assert command.endswith("--max_steps 3")
 
 
+@pytest.mark.e2e
 def test_finetune_script_reports_an_indivisible_batch():
     result = run_script("finetune_internvl3_8b_4bit_lora.sh", {"GPUS": "2", "BATCH_SIZE": "12",
                                                                "PER_DEVICE_BATCH_SIZE": "4"}, "--dry-run")
@@ -185,6 +187,7 @@ def test_finetune_script_reports_an_indivisible_batch():
     assert "BATCH_SIZE=12 is not a multiple" in result.stderr
 
 
+@pytest.mark.e2e
 def test_slurm_script_starts_one_launcher_per_node_with_the_allocation(tmp_path):
     # Stand-ins for SLURM's tools: scontrol lists the allocated hosts, srun runs the command it is given.
     bin_dir = tmp_path / "bin"
@@ -205,6 +208,7 @@ def test_slurm_script_starts_one_launcher_per_node_with_the_allocation(tmp_path)
     assert flag(command, "--gradient_accumulation_steps") == "2"  # 64 / (4 per device x 4 GPUs x 2 nodes)
 
 
+@pytest.mark.e2e
 def test_quick_start_stops_when_the_setup_check_fails(tmp_path):
     result = run_script("quick_start_internvl3_4bit_lora.sh", {"MODEL_PATH": str(tmp_path / "no-model"),
                                                                "OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip

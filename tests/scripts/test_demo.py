@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Real multi-process runs through the scripts: minutes each (`pytest -m "not e2e"` leaves them out).
+pytestmark = pytest.mark.e2e
 
 
 def test_demo_trains_evaluates_and_merges(tmp_path):

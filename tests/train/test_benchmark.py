@@ -21,7 +21,7 @@ from internvl.train.benchmark import (
     llm_lora_parameters,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LORA_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -96,6 +96,7 @@ def test_benchmark_on_gpus_uses_the_launchers_allocator_default_unless_the_calle
     assert "--use_cpu" not in plan.train_args
 
 
+@pytest.mark.e2e
 def test_cpu_run_reports_figures_consistent_with_the_batches(tmp_path):
     from internvl.data.dataset import build_datasets
     from internvl.model.loading import load_tokenizer

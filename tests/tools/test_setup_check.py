@@ -24,7 +24,7 @@ from internvl.tools import setup_check
 from internvl.tools.resource_estimates import GIB, ModelDims, estimate_disk_usage, estimate_gpu_memory
 from internvl.tools.setup_check import FAIL, OK, WARN, SetupChecker, SetupSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "test_internvl3_setup.py"
 LAUNCHER_VARIABLES = ("GPUS", "NNODES", "NODE_RANK", "PER_DEVICE_BATCH_SIZE", "BATCH_SIZE", "MODEL_PATH", "META_PATH",
                       "OUTPUT_DIR", "LORA_RANK", "DEEPSPEED_CONFIG", "SLURM_GPUS_ON_NODE", "SLURM_NNODES")  # fmt: skip
@@ -179,6 +179,7 @@ def test_tokenizer_without_img_context(monkeypatch, capsys, setup_copy):
     assert_one_failure(code, output, "tokenizer", IMG_CONTEXT_TOKEN)
 
 
+@pytest.mark.e2e
 def test_cli_process_json_and_exit_code(setup_copy):
     first_record = (setup_copy / "data" / "video_summary_dataset_train.jsonl").read_text().splitlines()[0]
     video = json.loads(first_record)["video"]

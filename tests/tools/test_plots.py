@@ -21,7 +21,7 @@ from internvl.tools.plots import (
 )
 from internvl.train.callbacks import TrainingLogCallback
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_trainer_state(folder, train_steps, eval_steps):

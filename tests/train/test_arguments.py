@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from internvl.train.arguments import CONFIGS_DIR, parse_args, resolve_deepspeed_config
-from test_train_e2e import guide_training_args
+from tests.scripts.test_finetune import guide_training_args
 
 GUIDE_ARGS = guide_training_args()
 

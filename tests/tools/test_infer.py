@@ -25,7 +25,7 @@ from internvl.tools.infer import (
 )
 from internvl.tools.merge import load_model_for_inference
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 6
 
 

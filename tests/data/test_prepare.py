@@ -17,7 +17,7 @@ import pytest
 
 from internvl.data.prepare import PrepareError, prepare_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "prepare_internvl3_finetuning.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import prepare_internvl3_finetuning as prepare_cli  # noqa: E402
