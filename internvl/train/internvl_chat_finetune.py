@@ -43,7 +43,7 @@ from internvl.train.arguments import (
 )
 from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
 from internvl.train.checkpoint import last_complete_checkpoint, list_checkpoints
-from internvl.train.launch import LAUNCH_COMMAND_ENV
+from internvl.train.launch import CUDA_ARCH_LIST_ENV, LAUNCH_COMMAND_ENV, deepspeed_compatible_arch_list
 from internvl.train.trainer import InternVLTrainer
 
 RUN_ARGS_NAME = "run_args.json"
@@ -238,6 +238,10 @@ def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
 def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = InternVLTrainer) -> None:
     """Train and/or evaluate; ``trainer_class`` lets a benchmark measure the very same run."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    arch_list = deepspeed_compatible_arch_list(os.environ)
+    if arch_list:  # started without the launcher, which fixes the value itself
+        os.environ[CUDA_ARCH_LIST_ENV], note = arch_list
+        log(note)
     warnings.filterwarnings("ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATION, category=FutureWarning)
     model_args, data_args, training_args = parse_args(argv)
     check_arguments(model_args, training_args)

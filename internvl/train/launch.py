@@ -11,6 +11,7 @@ thin wrappers around this module, so the batch arithmetic and the defaults are t
                            = BATCH_SIZE / (PER_DEVICE_BATCH_SIZE x GPUS x NNODES) and must be a whole number
     MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, LR, EPOCHS, DEEPSPEED_CONFIG
     PYTORCH_CUDA_ALLOC_CONF  PyTorch's CUDA allocator settings (default on GPUs: ``expandable_segments:True``)
+    TORCH_CUDA_ARCH_LIST   kept, except that forms DeepSpeed cannot parse (``9.0a``) become ones it can (``9.0``)
 
 Arguments after the environment (``"$@"`` of the shell scripts) are appended to the training command, so they
 override the defaults. Without GPUs the run uses DeepSpeed's CPU accelerator (gloo) and ``--use_cpu True``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +39,10 @@ LAUNCH_COMMAND_ENV = "INTERNVL_LAUNCH_COMMAND"
 # (docs/BENCHMARKS.md). A value the user sets is kept.
 CUDA_ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
 DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
+CUDA_ARCH_LIST_ENV = "TORCH_CUDA_ARCH_LIST"
+# The forms DeepSpeed's op builder parses: MAJOR.MINOR, optionally +PTX; PyTorch also takes an architecture-specific
+# suffix ("9.0a", "10.0f"), which it cannot.
+_ARCH_TOKEN = re.compile(r"(\d+)\.(\d+)[a-z]?(\+PTX)?")
 
 DEFAULTS = {
     "PER_DEVICE_BATCH_SIZE": "4",
@@ -67,6 +73,7 @@ class LaunchPlan:
     use_cpu: bool
     train_args: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the launcher changed in the environment, and why
 
     @property
     def world_size(self) -> int:
@@ -172,12 +179,17 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
     ]  # fmt: skip
     if meta_has_val_split(meta_path):
         train_args += ["--do_eval", "True", "--eval_strategy", "steps", "--eval_steps", "100"]
-    launch_env = {}
+    launch_env, notes = {}, []
     if use_cpu:
         train_args += ["--use_cpu", "True"]
         launch_env["DS_ACCELERATOR"] = "cpu"
-    elif CUDA_ALLOC_CONF_ENV not in env:
-        launch_env[CUDA_ALLOC_CONF_ENV] = DEFAULT_CUDA_ALLOC_CONF
+    else:
+        if CUDA_ALLOC_CONF_ENV not in env:
+            launch_env[CUDA_ALLOC_CONF_ENV] = DEFAULT_CUDA_ALLOC_CONF
+        arch_list = deepspeed_compatible_arch_list(env)
+        if arch_list:
+            launch_env[CUDA_ARCH_LIST_ENV], note = arch_list
+            notes.append(note)
     return LaunchPlan(
         nnodes=nnodes,
         node_rank=node_rank,
@@ -190,6 +202,7 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
         use_cpu=use_cpu,
         train_args=train_args + list(extra_args),
         env=launch_env,
+        notes=notes,
     )
 
 
@@ -234,6 +247,32 @@ def flag_values(args: Sequence[str]) -> dict[str, str]:
     return values
 
 
+def deepspeed_compatible_arch_list(environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """The ``TORCH_CUDA_ARCH_LIST`` value DeepSpeed's JIT op builds can use, and a line saying what changed; None
+    when the value (or its absence) already works.
+
+    DeepSpeed 0.19 reads each entry as ``MAJOR.MINOR[+PTX]`` and crashes on the architecture-specific forms that CUDA
+    images for Hopper and Blackwell set (``9.0a``: "invalid literal for int() with base 10: '0a'"), before building
+    FusedAdam (ZeRO-2) or CPU Adam (offload). Its kernels use no architecture-specific instructions, so the plain
+    entry (``9.0``) builds the same code. A value with entries neither tool form covers (named architectures such
+    as ``Hopper``) is emptied, so DeepSpeed builds for the visible GPUs."""
+    value = environ.get(CUDA_ARCH_LIST_ENV)
+    if value is None:
+        return None
+    entries = value.replace(";", " ").split()
+    matches = [_ARCH_TOKEN.fullmatch(entry) for entry in entries]
+    if not all(matches):
+        fixed = ""
+    else:
+        fixed = ";".join(dict.fromkeys(f"{m[1]}.{m[2]}{m[3] or ''}" for m in matches))
+    if fixed == ";".join(entries):
+        return None
+    if fixed:
+        return fixed, f"{CUDA_ARCH_LIST_ENV}={value!r} set to {fixed!r} for DeepSpeed's op builds, which cannot parse it"
+    return "", (f"{CUDA_ARCH_LIST_ENV}={value!r} emptied for DeepSpeed's op builds, which cannot parse it: they "
+                "build for the visible GPUs")
+
+
 def visible_gpu_count() -> int:
     import torch
 
@@ -257,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     command = plan.command()
     printable = " ".join([*(f"{k}={v}" for k, v in plan.env.items()), shlex.join(command)])
     print(plan.summary(), flush=True)
-    note = zero3_speed_note(plan)
-    if note:
-        print(note, flush=True)
+    for note in [*plan.notes, zero3_speed_note(plan)]:
+        if note:
+            print(note, flush=True)
     print(printable, flush=True)
     if args.dry_run:
         return

@@ -88,3 +88,14 @@ def test_loss_curves_or_why_there_are_none(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     assert write_loss_curves(tmp_path) == f"Loss curves: {tmp_path / 'loss_curves.png'}"
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+
+def test_training_started_without_the_launcher_fixes_the_arch_list_first(monkeypatch, tmp_path, capsys):
+    from internvl.train import internvl_chat_finetune
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    with pytest.raises(ValueError, match="Nothing to do"):  # stops before loading anything
+        internvl_chat_finetune.main(["--model_name_or_path", "m", "--meta_path", "meta.json", "--output_dir",
+                                     str(tmp_path), "--report_to", "none"])  # fmt: skip
+    assert internvl_chat_finetune.os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert "TORCH_CUDA_ARCH_LIST='9.0a' set to '9.0'" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from internvl.train.arguments import parse_args
-from internvl.train.launch import FINETUNE_SCRIPT, resolve_plan, zero3_speed_note
+from internvl.train.launch import FINETUNE_SCRIPT, deepspeed_compatible_arch_list, resolve_plan, zero3_speed_note
 from tests.scripts.test_finetune import guide_training_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +45,44 @@ def test_guide_defaults_on_two_gpus():
 def test_the_users_cuda_allocator_settings_are_kept():
     plan = resolve_plan({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, [], visible_gpus=2)
     assert "PYTORCH_CUDA_ALLOC_CONF" not in plan.env  # the launcher passes the caller's environment on unchanged
+
+
+def deepspeed_arch_flags(monkeypatch, arch_list: str) -> list[str]:
+    """What DeepSpeed's own JIT op builder (FusedAdam, as ZeRO-2 builds it) makes of a TORCH_CUDA_ARCH_LIST."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, whatever the accelerator
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    return builder.compute_capability_args()
+
+
+@pytest.mark.parametrize(
+    "value, fixed",
+    [
+        ("9.0a", "9.0"),
+        ("8.0;9.0a", "8.0;9.0"),
+        ("8.6 9.0a+PTX", "8.6;9.0+PTX"),
+        ("10.0f;10.0", "10.0"),
+        ("Hopper", ""),
+    ],
+)
+def test_arch_lists_deepspeed_cannot_parse_are_fixed_for_its_op_builds(monkeypatch, value, fixed):
+    with pytest.raises(ValueError):  # DeepSpeed's own parser, as on the H200 image
+        deepspeed_arch_flags(monkeypatch, value)
+    new_value, note = deepspeed_compatible_arch_list({"TORCH_CUDA_ARCH_LIST": value})
+    assert new_value == fixed and repr(value) in note
+    if fixed:
+        deepspeed_arch_flags(monkeypatch, fixed)  # parses now
+    plan = resolve_plan({"TORCH_CUDA_ARCH_LIST": value}, [], visible_gpus=1)
+    assert plan.env["TORCH_CUDA_ARCH_LIST"] == fixed and plan.notes == [note]
+
+
+@pytest.mark.parametrize("value", ["9.0", "8.0;8.6 9.0+PTX", ""])
+def test_arch_lists_deepspeed_parses_are_kept(value):
+    assert deepspeed_compatible_arch_list({"TORCH_CUDA_ARCH_LIST": value}) is None
+    assert deepspeed_compatible_arch_list({}) is None
+    assert "TORCH_CUDA_ARCH_LIST" not in resolve_plan({"TORCH_CUDA_ARCH_LIST": value}, [], visible_gpus=1).env
 
 
 def test_zero3_on_gpus_comes_with_the_measured_cost_and_the_faster_stage(tmp_path):
