@@ -1,4 +1,4 @@
-"""How much GPU memory and disk a fine-tuning run needs, computed from the model config.
+"""How much GPU memory and disk a fine-tuning run needs, computed from the model's sizes (``ModelDims``).
 
 The formulas are documented in docs/SETUP.md; ``internvl.tools.setup_check`` compares them with the machine.
 """
@@ -7,89 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # importing the model package pulls in torch and transformers: the setup check imports this early
+    from internvl.model.dims import ModelDims
 
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes the estimates need, read from an ``InternVLChatConfig``."""
-
-    hidden_size: int
-    num_layers: int
-    intermediate_size: int
-    q_width: int  # num_attention_heads * head_dim
-    kv_width: int  # num_key_value_heads * head_dim
-    vocab_size: int
-    qkv_bias: bool
-    vision_params: int  # vision tower + mlp1 projector, kept in bf16
-    vision_hidden_size: int
-    vision_intermediate_size: int
-    vision_tokens_per_tile: int  # patches + CLS
-    num_image_token: int  # <IMG_CONTEXT> tokens per tile after pixel shuffle
-
-    @classmethod
-    def from_config(cls, config) -> "ModelDims":
-        llm, vision = config.llm_config, config.vision_config
-        head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-        num_kv_heads = getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads
-        qkv_bias = bool(getattr(llm, "attention_bias", llm.model_type == "qwen2"))
-
-        hv, iv, patch = vision.hidden_size, vision.intermediate_size, vision.patch_size
-        patches = (vision.image_size // patch) ** 2
-        norm = 2 * hv if vision.norm_type == "layer_norm" else hv
-        vision_layer = (
-            3 * hv * hv + (3 * hv if vision.qkv_bias else 0)  # attn.qkv
-            + hv * hv + hv  # attn.proj
-            + 2 * hv * iv + iv + hv  # mlp.fc1, mlp.fc2
-            + 2 * norm + 2 * hv  # norm1, norm2, ls1, ls2
-            + (2 * hv if vision.qk_normalization else 0)
-        )  # fmt: skip
-        vision_embeddings = vision.num_channels * patch * patch * hv + hv + hv + (patches + 1) * hv
-        projector_in = int(hv / config.downsample_ratio**2)
-        projector = 2 * projector_in + projector_in * llm.hidden_size + llm.hidden_size * (llm.hidden_size + 2)
-        return cls(
-            hidden_size=llm.hidden_size,
-            num_layers=llm.num_hidden_layers,
-            intermediate_size=llm.intermediate_size,
-            q_width=llm.num_attention_heads * head_dim,
-            kv_width=num_kv_heads * head_dim,
-            vocab_size=llm.vocab_size,
-            qkv_bias=qkv_bias,
-            vision_params=vision.num_hidden_layers * vision_layer + vision_embeddings + projector,
-            vision_hidden_size=hv,
-            vision_intermediate_size=iv,
-            vision_tokens_per_tile=patches + 1,
-            num_image_token=config.num_image_token,
-        )
-
-    @property
-    def quantized_params_per_layer(self) -> int:
-        """Weights of the seven LLM projections of one decoder layer: the ones stored in 4-bit."""
-        h, i = self.hidden_size, self.intermediate_size
-        return h * self.q_width + 2 * h * self.kv_width + self.q_width * h + 3 * h * i
-
-    @property
-    def quantized_params(self) -> int:
-        return self.num_layers * self.quantized_params_per_layer
-
-    @property
-    def llm_bf16_params(self) -> int:
-        """LLM parameters left in bf16: embeddings, lm_head, norms, q/k/v biases."""
-        h = self.hidden_size
-        biases = (self.q_width + 2 * self.kv_width) if self.qkv_bias else 0
-        return 2 * self.vocab_size * h + h + self.num_layers * (2 * h + biases)
-
-    @property
-    def total_params(self) -> int:
-        return self.quantized_params + self.llm_bf16_params + self.vision_params
-
-    def lora_params(self, rank: int) -> int:
-        """LoRA A and B of the seven projections in every layer: rank * (in + out) each."""
-        h, i = self.hidden_size, self.intermediate_size
-        per_layer = rank * ((h + self.q_width) + 2 * (h + self.kv_width) + (self.q_width + h) + 2 * (h + i) + (i + h))
-        return self.num_layers * per_layer
 
 
 def nf4_bytes_per_param(double_quant: bool, blocksize: int = 64) -> float:

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from internvl.constants import (
     CHATML_SPECIAL_TOKENS,
@@ -41,10 +41,12 @@ from internvl.tools.resource_estimates import (
     GIB,
     DiskEstimate,
     MemoryEstimate,
-    ModelDims,
     estimate_disk_usage,
     estimate_gpu_memory,
 )
+
+if TYPE_CHECKING:
+    from internvl.model.dims import ModelDims
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS_FILE = REPO_ROOT / "requirements_official.txt"
@@ -935,6 +937,8 @@ class SetupChecker:
 
     def _dims_for_estimates(self) -> tuple[ModelDims, str]:
         """The checked model's sizes; InternVL3-8B's (the shipped config) when the model folder has no usable config."""
+        from internvl.model.dims import ModelDims
+
         if self.model_config is not None:
             return ModelDims.from_config(self.model_config), ""
         from internvl.model.configuration import InternVLChatConfig

@@ -20,8 +20,9 @@ from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.constants import INTERNVL3_8B_CONFIG
 from internvl.data.prepare import prepare_dataset
 from internvl.model.configuration import InternVLChatConfig
+from internvl.model.dims import ModelDims
 from internvl.tools import setup_check
-from internvl.tools.resource_estimates import GIB, ModelDims, estimate_disk_usage, estimate_gpu_memory
+from internvl.tools.resource_estimates import GIB, estimate_disk_usage, estimate_gpu_memory
 from internvl.tools.setup_check import FAIL, OK, WARN, SetupChecker, SetupSettings
 
 REPO = Path(__file__).resolve().parents[2]
