@@ -21,14 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from internvl.bench.flops import DEFAULT_PEAK_TFLOPS  # noqa: E402
+from internvl.bench.report import format_summary  # noqa: E402
+from internvl.bench.run import DEFAULT_MODEL_CONFIG, BenchmarkSettings, run_benchmark  # noqa: E402
 from internvl.data.files import atomic_write_text  # noqa: E402
-from internvl.train.benchmark import (  # noqa: E402
-    DEFAULT_MODEL_CONFIG,
-    DEFAULT_PEAK_TFLOPS,
-    BenchmarkSettings,
-    format_summary,
-    run_benchmark,
-)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -27,7 +27,7 @@ wanted() { case " ${RUNS:-$1} " in *" $1 "*) return 0;; *) return 1;; esac; }
 # DeepSpeed JIT-compiles its CPU Adam on first use: build it while the checkpoint is written.
 "$PYTHON" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > "$R/build_cpu_adam.log" 2>&1 &
 SECONDS=0
-"$PYTHON" -c "from internvl.train.benchmark import prepare_checkpoint; print(prepare_checkpoint('$MODEL_CONFIG', '$WORK'))" > "$R/prepare.log" 2>&1
+"$PYTHON" -c "from internvl.bench.inputs import prepare_checkpoint; print(prepare_checkpoint('$MODEL_CONFIG', '$WORK'))" > "$R/prepare.log" 2>&1
 wait; echo "checkpoint and CPU Adam ready after ${SECONDS}s"; pack
 # ZeRO-3 + offload with every parameter of the 8B model under the persistence threshold: the frozen 4-bit base stays
 # whole on each GPU, only the LoRA weights and their optimizer state are partitioned and offloaded.

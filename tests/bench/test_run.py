@@ -1,5 +1,5 @@
-"""The training benchmark: FLOP-count parameter totals, the torchrun command it builds, and a real 2-process CPU
-run whose JSON report is checked against the batch shape and an independently built sample."""
+"""The training benchmark's run: the torchrun command it builds, and a real 2-process CPU run whose JSON report is
+checked against the batch shape and an independently built sample."""
 
 from __future__ import annotations
 
@@ -12,46 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from internvl.train import benchmark
-from internvl.train.benchmark import (
-    DEFAULT_MODEL_CONFIG,
-    BenchmarkSettings,
-    benchmark_command,
-    llm_linear_parameters,
-    llm_lora_parameters,
-)
+from internvl.bench import run
+from internvl.bench.run import BenchmarkSettings, benchmark_command
 
 REPO = Path(__file__).resolve().parents[2]
-LORA_TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def test_parameter_counts_of_the_flop_formula_match_the_model():
-    from internvl.model.internvl_chat import InternVLChatModel
-    from internvl.model.tiny import tiny_config
-
-    model = InternVLChatModel(tiny_config())
-    llm_config = model.config.llm_config
-    projection_weights = sum(
-        module.weight.numel()
-        for name, module in model.language_model.named_modules()
-        if name.endswith(LORA_TARGET_SUFFIXES)
-    )
-    assert llm_linear_parameters(llm_config) == projection_weights
-
-    model.language_model.requires_grad_(False)
-    model.wrap_llm_lora(r=8)
-    lora_weights = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" in n)
-    assert llm_lora_parameters(llm_config, 8) == lora_weights
-
-
-def test_flop_formula_on_the_8b_config_counts_the_qwen2_5_7b_layers():
-    from internvl.model.configuration import InternVLChatConfig
-
-    config = InternVLChatConfig(**json.loads(Path(DEFAULT_MODEL_CONFIG).read_text()))
-    # Qwen2.5-7B: 7.07e9 matmul weights, of which 0.545e9 are the LM head.
-    assert llm_linear_parameters(config.llm_config) == pytest.approx(7.07e9 - 0.545e9, rel=0.01)
-    # r=32 on all seven projections of 28 layers: about 80.7M trainable parameters.
-    assert llm_lora_parameters(config.llm_config, 32) == pytest.approx(80.7e6, rel=0.01)
 
 
 def test_benchmark_runs_the_guide_flags_with_its_overrides(tmp_path):
@@ -61,7 +25,7 @@ def test_benchmark_runs_the_guide_flags_with_its_overrides(tmp_path):
         recipe_args=["--dataloader_num_workers", "1"],
     )  # fmt: skip
     command, env, plan = benchmark_command(settings, tmp_path / "ckpt", tmp_path / "meta.json", tmp_path / "r.json")
-    assert command[command.index("-m", 3) + 1] == "internvl.train.benchmark"
+    assert command[command.index("-m", 3) + 1] == "internvl.bench.worker"
     assert command[command.index("--nproc_per_node") + 1] == "2"
     recipe = command[command.index("--") + 1 :]
     assert recipe == plan.train_args
@@ -85,7 +49,7 @@ def test_benchmark_runs_the_guide_flags_with_its_overrides(tmp_path):
 def test_benchmark_on_gpus_uses_the_launchers_allocator_default_unless_the_caller_sets_one(
     tmp_path, monkeypatch, caller_setting
 ):
-    monkeypatch.setattr(benchmark, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(run, "visible_gpu_count", lambda: 2)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     if caller_setting:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", caller_setting)
@@ -97,7 +61,7 @@ def test_benchmark_on_gpus_uses_the_launchers_allocator_default_unless_the_calle
 
 
 @pytest.mark.e2e
-def test_cpu_run_reports_figures_consistent_with_the_batches(tmp_path):
+def test_cpu_benchmark_run_reports_figures_consistent_with_the_batches(tmp_path):
     from internvl.data.dataset import build_datasets
     from internvl.model.loading import load_tokenizer
 
