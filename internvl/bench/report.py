@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from internvl.bench.flops import BatchCounts, training_flops
+from internvl.model.dims import ModelDims
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV
 
 if TYPE_CHECKING:
@@ -62,9 +63,8 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
     seconds = main["measured_seconds"]
     if measured_steps < 1 or seconds <= 0:
         raise ValueError(f"no measured steps: {len(main['step_seconds'])} steps ran, {trainer.warmup_steps} warm-up")
-    flops = training_flops(
-        trainer.model.config, counts, lora_rank=run["lora_rank"] or 0, recompute=run["gradient_checkpointing"]
-    )
+    dims = ModelDims.from_config(trainer.model.config)
+    flops = training_flops(dims, counts, lora_rank=run["lora_rank"] or 0, recompute=run["gradient_checkpointing"])
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     results = {
         "measured_steps": measured_steps,
