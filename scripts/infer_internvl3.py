@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from internvl.data.video import VideoDecodeError  # noqa: E402
+from internvl.model.adapters import load_model_for_inference  # noqa: E402
 from internvl.tools.infer import DTYPES, add_model_arguments, generation_config, summarize  # noqa: E402
-from internvl.tools.merge import load_model_for_inference  # noqa: E402
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from internvl.data.dataset import EVAL_SUFFIX, load_jsonl, load_meta
 from internvl.data.files import atomic_write_text
 from internvl.data.video import VideoDecodeError
+from internvl.model.adapters import load_model_for_inference, resolve_model_source
 from internvl.tools.infer import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_FRAMES,
@@ -38,7 +39,6 @@ from internvl.tools.infer import (
     generation_config,
     load_visual_input,
 )
-from internvl.tools.merge import load_model_for_inference, resolve_model_source
 from internvl.tools.metrics import METRIC_NAMES, METRIC_TITLES, compute_metrics
 from internvl.tools.plots import plot_metric_bars
 

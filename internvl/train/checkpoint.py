@@ -30,10 +30,8 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from internvl.data.files import atomic_path, atomic_write_text
+from internvl.model.adapters import ADAPTER_FOLDERS, NON_LORA_WEIGHTS_NAME
 
-# The sub-modules that ``wrap_llm_lora`` / ``wrap_backbone_lora`` turn into peft models, and where their adapters go.
-ADAPTER_FOLDERS = {"language_model": ".", "vision_model": "vision_adapter"}
-NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

@@ -15,6 +15,7 @@ from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.prepare import DEFAULT_PROMPT
 from internvl.data.tiling import build_transform
 from internvl.data.video import read_video_frames
+from internvl.model.adapters import load_model_for_inference
 from internvl.tools.infer import (
     generate_answers,
     generation_config,
@@ -23,7 +24,6 @@ from internvl.tools.infer import (
     load_visual_input,
     summarize,
 )
-from internvl.tools.merge import load_model_for_inference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 6

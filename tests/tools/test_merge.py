@@ -6,7 +6,6 @@ import json
 import runpy
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ from safetensors import safe_open
 
 from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.model import load_internvl_model, load_tokenizer
-from internvl.tools.merge import MERGE_INFO_NAME, load_model_for_inference, merge_lora, resolve_model_source
+from internvl.model.adapters import load_model_for_inference, resolve_model_source
+from internvl.tools.merge import MERGE_INFO_NAME, merge_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # float32 merge: W + s*B@A is computed once instead of x@W + s*(x@A)@B: only float32 rounding differs.
@@ -61,14 +61,6 @@ def test_merged_float32_model_matches_base_plus_adapter(tiny_lora_output, tiny_m
     assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
     # The adapter really changes the model, so the equality above is not trivially true.
     assert (_logits(base, model_inputs) - expected).abs().max() > 100 * FLOAT32_ATOL
-
-
-def test_loading_an_adapter_shows_no_peft_deprecation_warning(tiny_lora_output):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _, _, source = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
-    assert source.llm_adapter is not None  # an adapter was really loaded
-    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_merge_changes_exactly_the_lora_targets(tiny_lora_output, tiny_model_dir, tmp_path):
@@ -125,18 +117,6 @@ def test_official_style_lora_checkpoint_merges_too(tiny_lora_model, tiny_model_d
     merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32)
     assert merged.config.use_llm_lora == 0
     assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
-
-
-def test_missing_base_model_asks_for_base_model_flag(tiny_lora_output, tmp_path):
-    moved = tmp_path / "output"
-    moved.mkdir()
-    for file in tiny_lora_output.iterdir():
-        (moved / file.name).write_bytes(file.read_bytes())
-    config = json.loads((moved / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(tmp_path / "gone")
-    (moved / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(FileNotFoundError, match="--base-model"):
-        resolve_model_source(moved)
 
 
 def test_merge_refuses_to_overwrite_a_folder(tiny_lora_output, tmp_path):

@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from internvl.model.adapters import NON_LORA_WEIGHTS_NAME
 from internvl.model.loading import load_internvl_model
 from internvl.train.checkpoint import (
-    NON_LORA_WEIGHTS_NAME,
     gather_trainable_state_dict,
     last_complete_checkpoint,
     load_trained_weights,
