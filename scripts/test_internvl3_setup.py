@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from internvl.tools.setup_check import SetupSettings, run_setup_checks  # noqa: E402
+from internvl.tools.checks import SetupSettings, run_setup_checks  # noqa: E402
 
 # Options that set one of the launcher's environment variables.
 ENV_OPTIONS = {

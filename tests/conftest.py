@@ -34,6 +34,31 @@ def demo_videos_dir(tmp_path_factory):
     return make_demo_videos(tmp_path_factory.mktemp("demo-videos"), num_videos=6, seed=0)
 
 
+@pytest.fixture(scope="session")
+def good_setup(tmp_path_factory, tiny_model_dir, demo_videos_dir):
+    """What the setup check passes: the tiny model in the official sharded layout (``model/``), demo videos
+    (``raw/``) and data prepared from them (``data/``), side by side in one folder."""
+    import shutil
+    from pathlib import Path
+
+    from internvl.data.prepare import prepare_dataset
+    from tests.tools.checks.test_model import write_sharded_checkpoint
+
+    base = tmp_path_factory.mktemp("setup")
+    write_sharded_checkpoint(Path(tiny_model_dir), base / "model")
+    shutil.copytree(demo_videos_dir, base / "raw")
+    prepare_dataset(base / "raw", base / "data", progress=False)
+    return base
+
+
+@pytest.fixture
+def setup_copy(good_setup, tmp_path):
+    """A copy of ``good_setup`` to plant a fault in (relative paths inside stay valid)."""
+    import shutil
+
+    return shutil.copytree(good_setup, tmp_path / "setup")
+
+
 TINY_LORA_RANK = 8
 
 

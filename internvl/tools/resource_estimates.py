@@ -1,6 +1,6 @@
 """How much GPU memory and disk a fine-tuning run needs, computed from the model's sizes (``ModelDims``).
 
-The formulas are documented in docs/SETUP.md; ``internvl.tools.setup_check`` compares them with the machine.
+The formulas are documented in docs/SETUP.md; ``internvl.tools.checks.resources`` compares them with the machine.
 """
 
 from __future__ import annotations

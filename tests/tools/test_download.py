@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from internvl.tools import download
-from tests.tools.test_setup_check import write_sharded_checkpoint
+from tests.tools.checks.test_model import write_sharded_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "download_internvl3_models.sh"

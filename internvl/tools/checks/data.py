@@ -1,0 +1,194 @@
+"""The data: ``meta.json``, every record of its annotation files, the videos and images they reference, and one
+real batch built by the project's own dataset and collator."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import replace
+
+from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from internvl.tools.checks.context import CheckContext
+from internvl.tools.checks.results import CheckResult, Checked, fail, failed, listing, ok, read_json, warn
+from internvl.tools.checks.settings import SetupSettings
+
+PREPARE_COMMAND = "python scripts/prepare_internvl3_finetuning.py --input <annotations> --output-dir internvl3_data"
+CONVERSATION_ROLES = ("human", "gpt", "system")
+
+
+def check_data(context: CheckContext) -> Checked:
+    """``meta.json``, every record of its annotation files, the referenced media (all, or a sample), and the
+    longest micro-batch built as training builds it. Finds ``answer_tokens``."""
+    from internvl.data.dataset import EVAL_SUFFIX, META_KEYS, load_meta
+
+    s = context.settings
+    meta_path = s.meta_path
+    if not meta_path.is_file():
+        return [fail("meta.json", f"{meta_path} not found", f"{PREPARE_COMMAND} (or set META_PATH)")], context
+    raw, error = read_json(meta_path)
+    if error:
+        return [fail("meta.json", f"not valid JSON: {error}", "fix the JSON syntax at that position")], context
+    try:
+        specs = load_meta(meta_path)
+    except (OSError, ValueError) as error:
+        return [fail("meta.json", str(error), f"fix {meta_path}, or write it again with {PREPARE_COMMAND}")], context
+    results = []
+    unknown = sorted({f"{name}.{key}" for name, entry in raw.items() for key in entry if key not in META_KEYS})
+    if unknown:
+        results.append(warn("meta.json", f"unknown keys are ignored: {', '.join(unknown)}",
+                            f"the official keys are {', '.join(META_KEYS)}"))
+    evaluation = [spec.name for spec in specs if spec.is_eval]
+    results.append(ok("meta.json", f"{len(specs) - len(evaluation)} training and {len(evaluation)} evaluation "
+                                   f"dataset(s): {', '.join(spec.name for spec in specs)}"))
+    if s.evaluation_requested and not evaluation:
+        results.append(fail("meta.json", f"evaluation is requested (--do_eval / --eval_strategy) but {meta_path} "
+                                         f"has no dataset whose name ends in {EVAL_SUFFIX!r}",
+                            f"add a '*{EVAL_SUFFIX}' dataset, or drop --do_eval and pass --eval_strategy no"))
+    answer_texts: list[list[str]] = []
+    for spec in specs:
+        spec_results, spec_answers = _check_annotation(spec, s)
+        results += spec_results
+        answer_texts += spec_answers
+    answer_tokens = None
+    if context.tokenizer is not None and answer_texts:
+        answer_tokens = _most_answer_tokens(context.tokenizer, answer_texts)
+    if failed(results):
+        results.append(warn("batch", "not built: fix the data problems above first"))
+    else:
+        results += _check_batch(context)
+    return results, replace(context, answer_tokens=answer_tokens)
+
+
+def _check_annotation(spec, settings: SetupSettings) -> tuple[list[CheckResult], list[list[str]]]:
+    """The results for one annotation file, and the answers of each of its usable records."""
+    from internvl.data.dataset import load_jsonl
+
+    name = f"data {spec.name}"
+    try:
+        records = load_jsonl(spec.annotation)
+    except (OSError, ValueError) as error:
+        return [fail(name, str(error), f"fix or remove that line of {spec.annotation}, or rerun the prepare "
+                                       "script to write the file again")], []
+    if not records:
+        return [warn(name, f"{spec.annotation} holds no records; the dataset is left out")], []
+    problems, answer_texts = [], []
+    for record in records:
+        problem = _record_problem(record)
+        if problem:
+            problems.append(f"{spec.annotation.parent / record['_source']}: {problem}")
+        else:
+            answer_texts.append([turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"])
+    if problems:
+        return [fail(name, f"{len(problems)} of {len(records)} records are unusable: {listing(problems)}",
+                     "fix those lines (the training would skip them)")], answer_texts
+
+    media = [(record["_source"], os.path.join(spec.root, p)) for record in records for p in _media_paths(record)]
+    full = settings.full_media_check or len(media) <= settings.media_sample_size
+    checked = media if full else random.Random(0).sample(media, settings.media_sample_size)
+    missing = [f"{spec.annotation.parent / source}: {path} ({why})"
+               for source, path in checked if (why := _media_missing(path))]
+    scope = f"all {len(media)}" if full else f"a sample of {len(checked)} of {len(media)}"
+    if missing:
+        return [fail(name, f"{len(missing)} of {scope} referenced videos/images are unusable: {listing(missing)}",
+                     f"fix the paths (relative to root {spec.root}) or the files; run with --full to list "
+                     "every missing file")], answer_texts
+    return [ok(name, f"{len(records)} record(s) parse; {scope} referenced videos/images present")], answer_texts
+
+
+def _most_answer_tokens(tokenizer, answer_texts: list[list[str]]) -> int:
+    """The most supervised tokens in one record: its answers plus one <|im_end|> per answer."""
+    flat = [text for answers in answer_texts for text in answers]
+    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
+    return max(sum(next(counts) + 1 for _ in answers) for answers in answer_texts)
+
+
+def _check_batch(context: CheckContext) -> list[CheckResult]:
+    """Build the longest micro-batch through the project's dataset and collator, as training will."""
+    name = "batch"
+    tokenizer, model_config = context.tokenizer, context.model_config
+    if tokenizer is None or model_config is None:
+        return [warn(name, "not built: the model folder did not pass its checks (see Model above)")]
+    import numpy as np
+
+    from internvl.data.collate import InternVLDataCollator
+    from internvl.data.dataset import build_datasets
+
+    s, data_args = context.settings, context.settings.data_args
+    patch = model_config.vision_config.patch_size
+    num_image_token = int((data_args.force_image_size // patch) ** 2 * model_config.downsample_ratio**2)
+    try:
+        train, _ = build_datasets(
+            s.meta_path, tokenizer, num_image_token=num_image_token, **data_args.dataset_options()
+        )
+        # The longest samples by the dataset's own length estimates: the batch most likely to hit the limit.
+        candidates = [(length, part, index) for part in train.datasets for index, length in enumerate(part.lengths)]
+        candidates.sort(key=lambda item: item[0], reverse=True)
+        samples = []
+        for _, part, index in candidates[: s.per_device_batch_size]:
+            try:
+                samples.append(part.get_sample(index, np.random.default_rng(0)))
+            except Exception as error:
+                return [fail(name, f"sample {part.describe(index)} cannot be built: {type(error).__name__}: "
+                                   f"{error}", "fix or remove that record (training would skip it)")]
+        batch = InternVLDataCollator(pad_token_id=tokenizer.pad_token_id)(samples)
+    except Exception as error:
+        return [fail(name, f"the dataset cannot be built: {type(error).__name__}: {error}",
+                     "fix the data or the training arguments as the message says")]
+
+    length = batch["input_ids"].shape[1]
+    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    context_tokens = int((batch["input_ids"] == context_id).sum())
+    real_tiles = int((batch["image_flags"] == 1).sum())
+    supervised = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    if length > data_args.max_seq_length:
+        return [fail(name, f"a sample has {length} tokens, above max_seq_length {data_args.max_seq_length}",
+                     "raise --max_seq_length or lower --max_num_frame")]
+    if context_tokens != real_tiles * num_image_token:
+        return [fail(name, f"{context_tokens} {IMG_CONTEXT_TOKEN} tokens for {real_tiles} tiles × "
+                           f"{num_image_token}: the model rejects such a batch",
+                     "rebuild the data with the prepare script; check that the records' <image>/<video> "
+                     "placeholders match their media")]
+    if min(supervised) == 0:
+        return [fail(name, "a sample has no trained (answer) token left after fitting max_seq_length",
+                     "raise --max_seq_length, lower --max_num_frame, or shorten the prompts")]
+    frames = batch["pixel_values"].shape[0]
+    return [ok(name, f"{len(samples)} longest sample(s) built and collated: {length} tokens "
+                     f"(max_seq_length {data_args.max_seq_length}), {frames} tiles/frames, "
+                     f"{sum(supervised)} trained tokens")]
+
+
+def _record_problem(record: dict) -> str | None:
+    """What makes a record unusable for training, checked before the run (the dataset would skip it)."""
+    conversations = record["conversations"]
+    for turn in conversations:
+        valid = isinstance(turn, dict) and turn.get("from") in CONVERSATION_ROLES and isinstance(turn.get("value"), str)
+        if not valid:
+            return f"each turn needs 'from' in {CONVERSATION_ROLES} and a string 'value', got {str(turn)[:80]}"
+    if not any(turn["from"] == "gpt" and turn["value"].strip() for turn in conversations):
+        return "no non-empty 'gpt' turn: nothing to train on"
+    if not any(turn["from"] == "human" for turn in conversations):
+        return "no 'human' turn"
+    video, image = record.get("video"), record.get("image")
+    if video is not None and not isinstance(video, str):
+        return f"'video' must be a path string, got {video!r}"
+    paths = image if isinstance(image, list) else [image]
+    if image is not None and not all(isinstance(p, str) for p in paths):
+        return f"'image' must be a path or a list of paths, got {image!r}"
+    return None
+
+
+def _media_paths(record: dict) -> list[str]:
+    if record.get("image"):
+        return record["image"] if isinstance(record["image"], list) else [record["image"]]
+    return [record["video"]] if record.get("video") else []
+
+
+def _media_missing(path: str) -> str | None:
+    if path.endswith("/") or os.path.isdir(path):
+        if not os.path.isdir(path):
+            return "frame folder not found"
+        with os.scandir(path) as entries:
+            return None if any(entries) else "frame folder is empty"
+    if not os.path.isfile(path):
+        return "not found"
+    return None if os.path.getsize(path) > 0 else "empty file"

@@ -1,0 +1,124 @@
+"""Memory and disk: the GPU memory and disk space the chosen settings need, against what the machine has.
+
+The estimates come from ``internvl.tools.resource_estimates``; ``docs/SETUP.md`` documents the formulas.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from internvl.constants import INTERNVL3_8B_CONFIG
+from internvl.tools.checks.context import CheckContext
+from internvl.tools.checks.results import Checked, fail, ok, size, warn
+from internvl.tools.checks.settings import int_or
+from internvl.tools.resource_estimates import estimate_disk_usage, estimate_gpu_memory
+
+if TYPE_CHECKING:  # the model package pulls in torch and transformers: imported when the estimate is made
+    from internvl.model.dims import ModelDims
+
+# Supervised tokens per sample assumed by the memory estimate when the data cannot be read.
+ASSUMED_ANSWER_TOKENS = 512
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _dims_for_estimates(model_config) -> tuple[ModelDims, str]:
+    """The checked model's sizes; InternVL3-8B's (the shipped config) when the model folder has no usable config."""
+    from internvl.model.dims import ModelDims
+
+    if model_config is not None:
+        return ModelDims.from_config(model_config), ""
+    from internvl.model.configuration import InternVLChatConfig
+
+    config = InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG)
+    return ModelDims.from_config(config), f" [for InternVL3-8B, {INTERNVL3_8B_CONFIG.name}: no model config read]"
+
+
+def check_memory(context: CheckContext) -> Checked:
+    """The GPU memory the settings need (``internvl.tools.resource_estimates``) against the smallest GPU used.
+    Finds ``memory_estimate``."""
+    s = context.settings
+    dims, assumption = _dims_for_estimates(context.model_config)
+    zero = (context.deepspeed_config or {}).get("zero_optimization") or {}
+    answer_tokens = context.answer_tokens or ASSUMED_ANSWER_TOKENS
+    estimate = estimate_gpu_memory(
+        dims,
+        lora_rank=s.lora_rank,
+        micro_batch_size=s.per_device_batch_size,
+        max_seq_length=s.data_args.max_seq_length,
+        max_num_frame=s.data_args.max_num_frame,
+        answer_tokens=answer_tokens,
+        num_gpus=s.gpus * s.nnodes,
+        zero_stage=int_or(zero.get("stage", 0), 0),
+        offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
+        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
+        double_quant=s.model_args.bnb_4bit_use_double_quant,
+    )
+    context = replace(context, memory_estimate=estimate)
+    answers = f"{answer_tokens} answer tokens" + ("" if context.answer_tokens else " assumed (no data read)")
+    needs = (f"{estimate.summary()} for micro-batch {s.per_device_batch_size} × {s.data_args.max_seq_length} "
+             f"tokens, ≤{estimate.frames_per_sample} frames, {answers}, LoRA r={s.lora_rank}{assumption}")
+    if not context.gpu_memory:
+        return [warn("GPU memory", f"no GPU to compare with; these settings need {needs}")], context
+    available = min(context.gpu_memory[: max(1, s.gpus)])
+    lower = ("lower PER_DEVICE_BATCH_SIZE (keep BATCH_SIZE: accumulation grows), --max_seq_length or "
+             "--max_num_frame, or use a config with CPU offload (DEEPSPEED_CONFIG=zero_stage3_config.json)")
+    if estimate.peak > available:
+        return [fail("GPU memory", f"needs {needs}; the smallest GPU has {size(available)}", lower)], context
+    if estimate.peak > 0.9 * available:
+        return [warn("GPU memory", f"needs {needs}; the smallest GPU has {size(available)}, little margin",
+                     lower)], context
+    return [ok("GPU memory", f"needs {needs}; the smallest GPU has {size(available)}")], context
+
+
+def check_output_dir(context: CheckContext) -> Checked:
+    """The output folder: writable, what resuming there would do, and free disk space for the checkpoints, the
+    adapter and the merged model. Finds ``disk_estimate``."""
+    from internvl.train.checkpoint import last_complete_checkpoint
+
+    s = context.settings
+    target = s.output_dir
+    if target.exists() and not target.is_dir():
+        message = f"{target} exists and is not a folder"
+        return [fail("output folder", message, "set OUTPUT_DIR to a folder path")], context
+    probe_dir = target if target.is_dir() else _existing_ancestor(target)
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return [fail("output folder", f"cannot write in {probe_dir}: {error}",
+                     "set OUTPUT_DIR to a writable location")], context
+    checkpoint, _ = last_complete_checkpoint(target)
+    if checkpoint is None:
+        results = [ok("output folder", f"{target} is writable")]
+    elif s.overwrite_output_dir:
+        results = [warn("output folder", f"{target} holds checkpoints up to {checkpoint.name}; "
+                                         "--overwrite_output_dir deletes them when training starts")]
+    else:
+        results = [ok("output folder", f"{target} is writable; training resumes from {checkpoint.name} "
+                                       "(pass --overwrite_output_dir True to start over)")]
+
+    free = shutil.disk_usage(probe_dir).free
+    dims, assumption = _dims_for_estimates(context.model_config)
+    estimate = estimate_disk_usage(dims, lora_rank=s.lora_rank, save_total_limit=s.save_total_limit or 1)
+    context = replace(context, disk_estimate=estimate)
+    need = (f"{size(estimate.total)} ({estimate.checkpoints_kept} checkpoints × {size(estimate.checkpoint)} + "
+            f"adapter {size(estimate.final_adapter)} + merged model {size(estimate.merged_model)}){assumption}")
+    if free < estimate.total:
+        results.append(fail("disk space", f"{size(free)} free at {probe_dir}; the run writes up to {need}",
+                            "free disk space, or set OUTPUT_DIR on a larger disk"))
+    elif s.save_total_limit is None:
+        results.append(warn("disk space", f"{size(free)} free; every checkpoint is kept (no --save_total_limit), "
+                                          f"each {size(estimate.checkpoint)}", "pass --save_total_limit N"))
+    else:
+        results.append(ok("disk space", f"{size(free)} free; the run writes up to {need}"))
+    return results, context

@@ -1,0 +1,28 @@
+"""The DeepSpeed config check: JSON syntax with its position, DeepSpeed's own ZeRO schema, the config handed on."""
+
+from __future__ import annotations
+
+import json
+
+from internvl.tools.checks import Status, deepspeed
+from tests.tools.checks.test_settings import REPO, context_for
+
+
+def test_deepspeed_config_syntax_and_schema(good_setup, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
+    [result], context = deepspeed.check_config(context_for(good_setup, DEEPSPEED_CONFIG=str(broken)))
+    assert result.status == Status.FAIL and f"{broken}:2:" in result.message
+    assert context.deepspeed_config is None
+
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_parmas": {"device": "cpu"}}}))
+    results, _ = deepspeed.check_config(context_for(good_setup, DEEPSPEED_CONFIG=str(typo)))
+    assert results[0].status == Status.FAIL and "offload_parmas" in results[0].message
+
+
+def test_a_valid_config_is_handed_on(good_setup):
+    shipped = REPO / "configs" / "zero_stage3_config.json"
+    results, context = deepspeed.check_config(context_for(good_setup, DEEPSPEED_CONFIG=str(shipped)))
+    assert results[0].status == Status.OK and "ZeRO stage 3" in results[0].message
+    assert context.deepspeed_config == json.loads(shipped.read_text())

@@ -1,0 +1,72 @@
+"""GPU-memory and disk estimates: the InternVL3-8B sizes, how the estimate moves with each setting, and its distance
+from the GPU measurements of docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from internvl.constants import INTERNVL3_8B_CONFIG
+from internvl.model.configuration import InternVLChatConfig
+from internvl.model.dims import ModelDims
+from internvl.tools.resource_estimates import GIB, estimate_disk_usage, estimate_gpu_memory
+
+
+@pytest.fixture(scope="module")
+def internvl3_8b() -> ModelDims:
+    return ModelDims.from_config(InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG))
+
+
+def test_internvl3_8b_sizes(internvl3_8b):
+    # Official numbers: 7.9B parameters (model card); LoRA r=16 on the seven projections adds 1,441,792
+    # parameters per layer over 28 layers.
+    assert 7.85e9 < internvl3_8b.total_params < 8.0e9
+    assert internvl3_8b.lora_params(16) == 28 * 1_441_792
+    assert internvl3_8b.lora_params(32) == 2 * internvl3_8b.lora_params(16)
+
+
+def _estimate(dims, **overrides):
+    settings = dict(lora_rank=32, micro_batch_size=1, max_seq_length=8192, max_num_frame=32, answer_tokens=256,
+                    num_gpus=2, zero_stage=3, offload_param=True, offload_optimizer=True)  # fmt: skip
+    settings.update(overrides)
+    return estimate_gpu_memory(dims, **settings)
+
+
+def test_memory_estimate_behaves(internvl3_8b):
+    base = _estimate(internvl3_8b)
+    # Loading puts the whole 4-bit model on each GPU: a 4-bit Qwen2.5-7B measures 5.2 GiB, plus the bf16 ViT.
+    assert 5.4 < base.load_peak / GIB < 6.2
+    assert _estimate(internvl3_8b, micro_batch_size=2).peak > base.peak
+    assert _estimate(internvl3_8b, max_seq_length=4096, max_num_frame=16).peak < base.peak
+    assert _estimate(internvl3_8b, offload_param=False, offload_optimizer=False).train_peak > base.train_peak
+    no_offload = dict(offload_param=False, offload_optimizer=False)
+    zero3 = _estimate(internvl3_8b, **no_offload).train_peak
+    assert _estimate(internvl3_8b, num_gpus=4, **no_offload).train_peak < zero3
+    assert _estimate(internvl3_8b, zero_stage=2, **no_offload).train_peak > zero3
+    assert _estimate(internvl3_8b, answer_tokens=1024).logits == 4 * base.logits
+    assert base.frames_per_sample == 32 and _estimate(internvl3_8b, max_seq_length=2048).frames_per_sample == 8
+
+
+# Peak PyTorch-allocated GiB per GPU measured on H200s (docs/BENCHMARKS.md, 2026-11-28): InternVL3-8B shape, NF4 +
+# LoRA r32, batch 4 x 4,490 tokens (16 frames, 77 supervised tokens per sample).
+MEASURED_PEAK_ALLOCATED_GIB = [
+    (dict(num_gpus=2, zero_stage=3, offload_param=True, offload_optimizer=True), 15.29),
+    (dict(num_gpus=1, zero_stage=3, offload_param=True, offload_optimizer=True), 15.12),
+    (dict(num_gpus=2, zero_stage=3, offload_param=False, offload_optimizer=False), 18.57),
+    (dict(num_gpus=2, zero_stage=2, offload_param=False, offload_optimizer=False), 16.88),
+]
+
+
+@pytest.mark.parametrize("deepspeed, measured_gib", MEASURED_PEAK_ALLOCATED_GIB)
+def test_memory_estimate_is_close_to_the_gpu_measurements(internvl3_8b, deepspeed, measured_gib):
+    estimate = _estimate(internvl3_8b, micro_batch_size=4, max_seq_length=4490, max_num_frame=16, answer_tokens=77,
+                         **deepspeed)  # fmt: skip
+    # Within 20%, and never more than 10% below: an estimate that is too low would pass a GPU that is too small.
+    assert 0.9 * measured_gib < estimate.peak / GIB < 1.2 * measured_gib
+
+
+def test_disk_estimate(internvl3_8b):
+    one = estimate_disk_usage(internvl3_8b, lora_rank=32, save_total_limit=1)
+    three = estimate_disk_usage(internvl3_8b, lora_rank=32, save_total_limit=3)
+    assert three.total - one.total == 2 * one.checkpoint
+    assert one.merged_model == 2 * internvl3_8b.total_params  # bf16
+    assert 14 < one.merged_model / GIB < 16  # the official release is 15.9 GB
