@@ -9,8 +9,9 @@ a GIF or a folder of frames). Each sample is (see docs/ARCHITECTURE.md):
 
 Video samples draw T frames in ``[min_num_frame, max_num_frame]`` (never more than the video holds), one tile per
 frame, each announced by a ``Frame-N: <image>`` line, and then drop frames until the sample fits
-``max_seq_length``: an image span is never cut. Samples that cannot be built (corrupt file, too long) are replaced by
-others and counted (``bad_samples``); a dataset that is mostly unreadable stops with an error.
+``max_seq_length``: an image span is never cut. Records come from ``internvl.data.records``; samples that cannot be
+built (a record it refuses, a corrupt file, too long) are replaced by others and counted (``bad_samples``); a dataset
+that is mostly unreadable stops with an error.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import multiprocessing
 import os
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,9 @@ from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl.conversation import video_frame_prompt
+from internvl.data.records import Record, RecordError, Role, Turn, read_records
 from internvl.data.tiling import build_transform, dynamic_preprocess
-from internvl.data.tokenize import (
-    ROLE_USER,
-    SampleTooLongError,
-    image_token_ids,
-    preprocess_conversation,
-    truncate_sample,
-)
+from internvl.data.tokenize import SampleTooLongError, image_token_ids, preprocess_conversation, truncate_sample
 from internvl.data.video import VIDEO_BACKENDS, is_frame_folder, probe_video, read_video_frames
 
 logger = logging.getLogger(__name__)
@@ -133,24 +129,6 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     return specs
 
 
-def load_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a line that is not a JSON object is an error naming ``file:line``."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-                raise ValueError(f"{path}:{line_number}: a record must be an object with a 'conversations' list")
-            record["_source"] = f"{path.name}:{line_number}"
-            records.append(record)
-    return records
-
-
 def apply_repeat_time(records: list, repeat_time: float) -> list:
     """Below 1, keep the first ``int(N * repeat_time)`` records (the official behaviour); above 1, repeat them."""
     if repeat_time < 1:
@@ -161,28 +139,26 @@ def apply_repeat_time(records: list, repeat_time: float) -> list:
 _VIDEO_PLACEHOLDER_LINE = re.compile(re.escape(VIDEO_PLACEHOLDER) + r"\n?")
 
 
-def _with_placeholder(conversations: list[dict], placeholder: str) -> list[dict]:
+def _with_placeholder(turns: tuple[Turn, ...], placeholder: str) -> tuple[Turn, ...]:
     """Prepend ``placeholder + '\\n'`` to the first user turn when no user turn has it (official behaviour)."""
-    if any(placeholder in turn["value"] for turn in conversations if turn.get("from") == ROLE_USER):
-        return conversations
-    conversations = [dict(turn) for turn in conversations]
-    for turn in conversations:
-        if turn.get("from") == ROLE_USER:
-            turn["value"] = placeholder + "\n" + turn["value"]
-            return conversations
-    raise ValueError("the conversation has no user ('human') turn")
+    user_turns = [index for index, turn in enumerate(turns) if turn.role is Role.HUMAN]  # parse_record: at least one
+    if any(placeholder in turns[index].value for index in user_turns):
+        return turns
+    first = user_turns[0]
+    return (*turns[:first], replace(turns[first], value=placeholder + "\n" + turns[first].value), *turns[first + 1 :])
 
 
-def _expand_video(conversations: list[dict], num_frames: int) -> list[dict]:
-    expanded = [dict(turn) for turn in conversations]
-    found = 0
-    for turn in expanded:
-        if turn.get("from") == ROLE_USER:
-            found += turn["value"].count(VIDEO_PLACEHOLDER)
-            turn["value"] = _VIDEO_PLACEHOLDER_LINE.sub(lambda _: video_frame_prompt(num_frames), turn["value"])
+def _expand_video(turns: tuple[Turn, ...], num_frames: int) -> tuple[Turn, ...]:
+    found = sum(turn.value.count(VIDEO_PLACEHOLDER) for turn in turns if turn.role is Role.HUMAN)
     if found != 1:
         raise ValueError(f"a video record needs exactly one {VIDEO_PLACEHOLDER} in its user turns, found {found}")
-    return expanded
+    frames = video_frame_prompt(num_frames)
+    expanded = []
+    for turn in turns:
+        if turn.role is Role.HUMAN:
+            turn = replace(turn, value=_VIDEO_PLACEHOLDER_LINE.sub(lambda _: frames, turn.value))
+        expanded.append(turn)
+    return tuple(expanded)
 
 
 @dataclass(frozen=True)
@@ -214,7 +190,8 @@ class SampleOptions:
 
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
-    """The records of one ``meta.json`` entry, turned into samples on access."""
+    """The records of one ``meta.json`` entry, turned into samples on access. A record ``parse_record`` refuses
+    stays in its place as its ``RecordError``, raised when that sample is drawn (and so skipped and counted)."""
 
     def __init__(self, spec: DatasetSpec, tokenizer, options: SampleOptions, *, frame_sampling: str):
         self.spec = spec
@@ -227,7 +204,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             spec.data_augment, options.image_size, options.pad2square, options.normalize_type
         )
         self.img_end_id = image_token_ids(tokenizer)[2]
-        self.records = apply_repeat_time(load_jsonl(spec.annotation), spec.repeat_time)
+        self.records: list[Record | RecordError] = apply_repeat_time(read_records(spec.annotation), spec.repeat_time)
         self._lengths: list[int] | None = None
         self._frame_counts: dict[str, tuple[int, float | None]] = {}
 
@@ -241,8 +218,13 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def describe(self, index: int) -> str:
         """Where a record comes from, for logs: ``annotation.jsonl:12 (video clip.mp4)``."""
         record = self.records[index]
-        media = next((f"{key} {record[key]}" for key in ("video", "image") if record.get(key)), "text")
-        return f"{self.spec.name} {record['_source']} ({media})"
+        if isinstance(record, RecordError):
+            media = "unusable record"
+        elif record.video:
+            media = f"video {record.video}"
+        else:
+            media = f"image {', '.join(record.images)}" if record.images else "text"
+        return f"{self.spec.name} {record.source} ({media})"
 
     # -- lengths ----------------------------------------------------------------------------------------------------
 
@@ -251,25 +233,25 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         """Token-length estimates for length-grouped batching: a record's ``length`` field if it has one, else
         the tokenized text plus the image tokens it will most likely get. Computed on first use."""
         if self._lengths is None:
-            texts = ["\n".join(str(turn.get("value", "")) for turn in r["conversations"]) for r in self.records]
-            text_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            self._lengths = [
-                int(record["length"])
-                if "length" in record
-                else min(self.options.max_seq_length, n + self._image_estimate(record))
-                for record, n in zip(self.records, text_lengths)
-            ]
+            # A record's own length, 0 for an unusable one (replaced when drawn), else an estimate (None until then).
+            lengths = [0 if isinstance(record, RecordError) else record.length for record in self.records]
+            pending = [index for index, length in enumerate(lengths) if length is None]
+            if pending:
+                texts = ["\n".join(turn.value for turn in self.records[i].conversations) for i in pending]
+                for index, ids in zip(pending, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                    estimate = len(ids) + self._image_estimate(self.records[index])
+                    lengths[index] = min(self.options.max_seq_length, estimate)
+            self._lengths = lengths
         return self._lengths
 
-    def _image_estimate(self, record: dict) -> int:
+    def _image_estimate(self, record: Record) -> int:
         per_tile = self.options.num_image_token + 2
-        if record.get("image"):
-            images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            return per_tile * len(images) * (self.max_dynamic_patch + int(self.options.use_thumbnail))
-        if record.get("video"):
+        if record.images:
+            return per_tile * len(record.images) * (self.max_dynamic_patch + int(self.options.use_thumbnail))
+        if record.video:
             frames = (self.options.min_num_frame + self.options.max_num_frame) // 2
-            if record.get("decoded_frames"):
-                frames = min(frames, int(record["decoded_frames"]))
+            if record.decoded_frames:
+                frames = min(frames, record.decoded_frames)
             return (per_tile + 6) * frames  # + the "Frame-N: " line
         return 0
 
@@ -278,23 +260,25 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def get_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Build sample ``index``; raises if the record cannot become a valid sample."""
         record = self.records[index]
-        if record.get("image"):
+        if isinstance(record, RecordError):
+            raise record.with_traceback(None)  # the same error object every time: no traceback piling up
+        if record.images:
             return self._image_sample(record)
-        if record.get("video"):
+        if record.video:
             return self._video_sample(record, rng)
         return self._text_sample(record)
 
-    def _tokenize(self, conversations, num_image_token_list, text_only=False) -> dict[str, torch.Tensor]:
+    def _tokenize(self, turns, num_image_token_list, text_only=False) -> dict[str, torch.Tensor]:
         return preprocess_conversation(
-            conversations,
+            turns,
             self.tokenizer,
             num_image_token_list,
             template_name=self.options.template_name,
             text_only=text_only,
         )
 
-    def _sample(self, conversations, tiles: list[Image.Image], tiles_per_image: list[int], text_only=False):
-        tokens = self._tokenize(conversations, [self.options.num_image_token * n for n in tiles_per_image], text_only)
+    def _sample(self, turns, tiles: list[Image.Image], tiles_per_image: list[int], text_only=False):
+        tokens = self._tokenize(turns, [self.options.num_image_token * n for n in tiles_per_image], text_only)
         input_ids, labels = truncate_sample(
             tokens["input_ids"], tokens["labels"], self.options.max_seq_length, self.img_end_id
         )
@@ -315,42 +299,41 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         options = self.options
         return dynamic_preprocess(image, options.min_dynamic_patch, max_num, options.image_size, options.use_thumbnail)
 
-    def _image_sample(self, record: dict):
-        paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
-        conversations = record["conversations"]
+    def _image_sample(self, record: Record):
+        paths = record.images
+        turns = record.conversations
         if len(paths) == 1:
-            conversations = _with_placeholder(conversations, IMAGE_PLACEHOLDER)
+            turns = _with_placeholder(turns, IMAGE_PLACEHOLDER)
         max_num = max(1, self.max_dynamic_patch // len(paths))
         tiles, tiles_per_image = [], []
         for path in paths:
             image_tiles = self._tiles(self._load_image(path), max_num)
             tiles += image_tiles
             tiles_per_image.append(len(image_tiles))
-        return self._sample(conversations, tiles, tiles_per_image)
+        return self._sample(turns, tiles, tiles_per_image)
 
-    def _text_sample(self, record: dict):
+    def _text_sample(self, record: Record):
         white = Image.new("RGB", (TEXT_ONLY_DUMMY_SIZE, TEXT_ONLY_DUMMY_SIZE), (255, 255, 255))
-        return self._sample(record["conversations"], [white], [], text_only=True)
+        return self._sample(record.conversations, [white], [], text_only=True)
 
-    def _video_length(self, record: dict, path: str) -> tuple[int, float | None]:
+    def _video_length(self, record: Record, path: str) -> tuple[int, float | None]:
         """(frames that decode, fps): from the folder listing, the prepare metadata, or a probe (cached)."""
-        if not is_frame_folder(path) and record.get("decoded_frames"):
-            return int(record["decoded_frames"]), record.get("fps")
+        if not is_frame_folder(path) and record.decoded_frames:
+            return record.decoded_frames, record.fps
         if path not in self._frame_counts:
             info = probe_video(path, self.options.video_backend)
             self._frame_counts[path] = (info.num_frames, info.fps)
         return self._frame_counts[path]
 
-    def _video_sample(self, record: dict, rng: np.random.Generator):
-        path = self.media_path(record["video"])
-        conversations = _with_placeholder(record["conversations"], VIDEO_PLACEHOLDER)
+    def _video_sample(self, record: Record, rng: np.random.Generator):
+        path = self.media_path(record.video)
+        turns = _with_placeholder(record.conversations, VIDEO_PLACEHOLDER)
         vlen, fps = self._video_length(record, path)
         fewest = min(self.options.min_num_frame, vlen)
         num_frames = min(int(rng.integers(self.options.min_num_frame, self.options.max_num_frame + 1)), vlen)
         # Drop frames until the sample fits: every frame is a whole image span, so nothing is ever cut inside one.
         while True:
-            frame_conversations = _expand_video(conversations, num_frames)
-            tokens = self._tokenize(frame_conversations, [self.options.num_image_token] * num_frames)
+            tokens = self._tokenize(_expand_video(turns, num_frames), [self.options.num_image_token] * num_frames)
             if len(tokens["input_ids"]) <= self.options.max_seq_length:
                 break
             if num_frames <= fewest:
@@ -364,7 +347,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             num_frames,
             self.frame_sampling,
             backend=self.options.video_backend,
-            clip=record.get("clip"),
+            clip=record.clip,
             num_decoded_frames=vlen,
             fps=fps,
             rng=rng,

@@ -18,8 +18,7 @@ import torch
 
 from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.conversation import get_conv_template
-
-ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT = "system", "human", "gpt"
+from internvl.data.records import Role, Turn
 
 
 class SampleTooLongError(ValueError):
@@ -45,25 +44,24 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def preprocess_conversation(
-    conversations: Sequence[dict],
+    turns: Sequence[Turn],
     tokenizer,
     num_image_token_list: Sequence[int] = (),
     *,
     template_name: str = "internvl2_5",
     text_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tokenize one conversation (``[{"from": "human"|"gpt"|"system", "value": str}, ...]``).
+    """Tokenize one conversation: the turns of a ``Record`` (``internvl.data.parse_record`` checked them: a system
+    turn only first, a user turn, a non-empty answer), with the placeholders the dataset put in.
 
     ``num_image_token_list[k]`` is the number of ``<IMG_CONTEXT>`` tokens for the k-th ``<image>`` over all user
     turns (256 per tile for InternVL3); the placeholder count must match it. With ``text_only`` placeholders stay
     text. Returns ``input_ids`` and ``labels``, LongTensors ``[L]``.
     """
     template = get_conv_template(template_name)
-    turns = list(conversations)
-    if turns and turns[0].get("from") == ROLE_SYSTEM:
-        template.set_system_message(turns.pop(0)["value"])
-    if not any(turn.get("from") == ROLE_ASSISTANT for turn in turns):
-        raise ValueError("the conversation has no assistant ('gpt') turn, so there is nothing to train")
+    turns = list(turns)
+    if turns and turns[0].role is Role.SYSTEM:
+        template.set_system_message(turns.pop(0).value)
     user_role, assistant_role = template.roles
     img_start, img_context, img_end = image_token_ids(tokenizer)
 
@@ -77,10 +75,8 @@ def preprocess_conversation(
 
     images_used = 0
     for turn in turns:
-        role, value = turn.get("from"), turn.get("value")
-        if not isinstance(value, str):
-            raise ValueError(f"turn {turn!r} has no string 'value'")
-        if role == ROLE_USER:
+        role, value = turn.role, turn.value
+        if role is Role.HUMAN:
             pieces = [value] if text_only else value.split(IMAGE_PLACEHOLDER)
             segment = _encode(tokenizer, user_role + pieces[0])
             for piece in pieces[1:]:
@@ -95,7 +91,7 @@ def preprocess_conversation(
             segment += _encode(tokenizer, template.sep)
             input_ids += segment
             labels += [IGNORE_INDEX] * len(segment)
-        elif role == ROLE_ASSISTANT:
+        elif role is Role.GPT:
             segment = _encode(tokenizer, assistant_role + value + template.sep)
             trained_end = len(segment) - untrained_tail
             input_ids += segment
@@ -103,7 +99,7 @@ def preprocess_conversation(
                 [IGNORE_INDEX] * header_length + segment[header_length:trained_end] + [IGNORE_INDEX] * untrained_tail
             )
         else:
-            raise ValueError(f"unknown role {role!r}: turns must come 'from' 'human' or 'gpt' (or 'system' first)")
+            raise ValueError("a 'system' turn may only come first")
     if not text_only and images_used != len(num_image_token_list):
         raise ValueError(
             f"the conversation has {images_used} {IMAGE_PLACEHOLDER} placeholders in user turns for "

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from internvl.data.dataset import EVAL_SUFFIX, load_jsonl, load_meta
+from internvl.data.dataset import EVAL_SUFFIX, load_meta
 from internvl.data.files import atomic_write_text
+from internvl.data.records import Record, RecordError, Role, read_records
 from internvl.data.video import VideoDecodeError
 from internvl.model.adapters import load_model_for_inference, resolve_model_source
 from internvl.tools.infer import (
@@ -71,32 +72,33 @@ class EvalRecord:
     video_metadata: dict = field(default_factory=dict)  # decoded_frames, fps, clip (from prepare)
 
 
-def _eval_record(record: dict, root: Path) -> EvalRecord:
-    where = record["_source"]
-    turns = record["conversations"]
+def _eval_record(record: Record | RecordError, root: Path) -> EvalRecord:
+    if isinstance(record, RecordError):
+        raise record
+    where = record.source
+    turns = record.conversations
     system_message = None
-    if turns and turns[0].get("from") == "system":
-        system_message, turns = turns[0].get("value"), turns[1:]
-    if [t.get("from") for t in turns] != ["human", "gpt"] or not all(isinstance(t.get("value"), str) for t in turns):
+    if turns[0].role is Role.SYSTEM:
+        system_message, turns = turns[0].value, turns[1:]
+    if [turn.role for turn in turns] != [Role.HUMAN, Role.GPT]:
         raise ValueError(
             f"{where}: evaluation needs one 'human' turn (the prompt) followed by one 'gpt' turn (the reference), "
-            f"optionally after a 'system' turn; found roles {[t.get('from') for t in record['conversations']]}"
+            f"optionally after a 'system' turn; found roles {[turn.role.value for turn in record.conversations]}"
         )
-    media = record.get("video") or record.get("image")
-    if not isinstance(media, str):
+    if len(record.media) != 1:
         raise ValueError(
             f"{where}: evaluation needs a 'video' (or a single 'image') path per record, got "
-            f"{media!r}; text-only and multi-image records cannot be summarized"
+            f"{list(record.media)}; text-only and multi-image records cannot be summarized"
         )
-    metadata = {"decoded_frames": record.get("decoded_frames"), "fps": record.get("fps"), "clip": record.get("clip")}
+    metadata = {"decoded_frames": record.decoded_frames, "fps": record.fps, "clip": record.clip}
     return EvalRecord(
-        id=str(record.get("id") or where),
+        id=record.id or where,
         source=where,
-        media=os.path.join(root, media),  # os.path.join keeps a frame folder's trailing "/"
-        prompt=turns[0]["value"],
-        reference=turns[1]["value"],
+        media=os.path.join(root, record.media[0]),  # os.path.join keeps a frame folder's trailing "/"
+        prompt=turns[0].value,
+        reference=turns[1].value,
         system_message=system_message,
-        video_metadata={k: v for k, v in metadata.items() if v is not None} if record.get("video") else {},
+        video_metadata={k: v for k, v in metadata.items() if v is not None} if record.video else {},
     )
 
 
@@ -124,7 +126,7 @@ def load_eval_records(
             raise FileNotFoundError(f"JSONL file {jsonl} not found")
         sources = [(jsonl, Path(root) if root is not None else jsonl.parent)]
         description = str(jsonl)
-    records = [_eval_record(record, source_root) for path, source_root in sources for record in load_jsonl(path)]
+    records = [_eval_record(record, source_root) for path, source_root in sources for record in read_records(path)]
     if not records:
         raise ValueError(f"{description} holds no records to evaluate")
     seen: dict[str, str] = {}

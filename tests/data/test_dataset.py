@@ -179,6 +179,20 @@ def test_bad_video_is_replaced_counted_and_logged(tmp_path, demo_videos_dir, tin
     assert "Frame-1:" in tiny_tokenizer.decode(train[2]["input_ids"])
 
 
+def test_a_refused_record_is_replaced_counted_and_logged(tmp_path, tiny_tokenizer, caplog):
+    late_system = [*_turns("Hi?", "Hi."), {"from": "system", "value": "Be brief."}]
+    evaluation_records = [{"conversations": late_system}, {"conversations": _turns("Yes?", "Yes.")}]
+    meta = _write_meta(tmp_path, {"chat": [{"conversations": _turns("Hi?", "Hi.")}], "chat_val": evaluation_records})
+    _, evaluation = build_datasets(meta, tiny_tokenizer)
+    assert len(evaluation) == 2 and evaluation.lengths[0] == 0  # kept in place, never the longest
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        sample = evaluation[0]
+    assert evaluation.bad_samples == 1
+    assert "chat_val.jsonl:1 (unusable record): RecordError:" in caplog.text
+    assert "chat_val.jsonl:1: a 'system' turn may only come first" in caplog.text
+    assert tiny_tokenizer.decode(sample["input_ids"]).endswith("Yes.<|im_end|>\n")  # the next record instead
+
+
 def test_mostly_bad_dataset_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
     records = []
     for index in range(4):

@@ -7,12 +7,16 @@ import torch
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.conversation import INTERNVL_SYSTEM_MESSAGE, get_conv_template
-from internvl.data import preprocess_conversation
+from internvl.data import Role, Turn, preprocess_conversation
 from internvl.data.tokenize import SampleTooLongError, truncate_sample
 
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _turns(*turns: tuple[str, str]) -> list[Turn]:
+    return [Turn(Role(role), value) for role, value in turns]
 
 
 def _trained_text(tokenizer, sample) -> str:
@@ -47,16 +51,14 @@ def test_tokenizer_without_image_tokens_is_a_clear_error():
             return None
 
     with pytest.raises(ValueError, match="has no <img> token.*InternVL chat checkpoint"):
-        preprocess_conversation(
-            [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], BareLLMTokenizer()
-        )
+        preprocess_conversation(_turns(("human", "Hi"), ("gpt", "Hello")), BareLLMTokenizer())
 
 
 def test_labels_train_only_the_answer_and_im_end(tiny_tokenizer):
-    conversation = [
-        {"from": "human", "value": "Describe the video."},
-        {"from": "gpt", "value": "A red circle moves from left to right."},
-    ]
+    conversation = _turns(
+        ("human", "Describe the video."),
+        ("gpt", "A red circle moves from left to right."),
+    )
     sample = preprocess_conversation(conversation, tiny_tokenizer)
     expected_text = (
         f"<|im_start|>system\n{INTERNVL_SYSTEM_MESSAGE}<|im_end|>\n"
@@ -84,13 +86,13 @@ def test_labels_train_only_the_answer_and_im_end(tiny_tokenizer):
 
 
 def test_multi_turn_and_system_override(tiny_tokenizer):
-    conversation = [
-        {"from": "system", "value": "You summarize videos."},
-        {"from": "human", "value": "What moves?"},
-        {"from": "gpt", "value": "A circle."},
-        {"from": "human", "value": "Which colour?"},
-        {"from": "gpt", "value": "Red."},
-    ]
+    conversation = _turns(
+        ("system", "You summarize videos."),
+        ("human", "What moves?"),
+        ("gpt", "A circle."),
+        ("human", "Which colour?"),
+        ("gpt", "Red."),
+    )
     sample = preprocess_conversation(conversation, tiny_tokenizer)
     text = tiny_tokenizer.decode(sample["input_ids"])
     assert text.startswith("<|im_start|>system\nYou summarize videos.<|im_end|>\n")
@@ -99,10 +101,10 @@ def test_multi_turn_and_system_override(tiny_tokenizer):
 
 
 def test_image_placeholders_expand_to_image_token_spans(tiny_tokenizer):
-    conversation = [
-        {"from": "human", "value": "Frame-1: <image>\nFrame-2: <image>\nSummarize."},
-        {"from": "gpt", "value": "Shapes move."},
-    ]
+    conversation = _turns(
+        ("human", "Frame-1: <image>\nFrame-2: <image>\nSummarize."),
+        ("gpt", "Shapes move."),
+    )
     sample = preprocess_conversation(conversation, tiny_tokenizer, [256, 256])
     ids = sample["input_ids"]
     context_id, start_id, end_id = tiny_tokenizer.convert_tokens_to_ids(
@@ -113,24 +115,22 @@ def test_image_placeholders_expand_to_image_token_spans(tiny_tokenizer):
     assert (sample["labels"][ids == context_id] == IGNORE_INDEX).all()
     # Inserting ids gives exactly what tokenizing the expanded text gives.
     span = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * 256 + IMG_END_TOKEN
-    expanded = [dict(turn) for turn in conversation]
-    expanded[0]["value"] = expanded[0]["value"].replace("<image>", span)
+    expanded = [Turn(Role.HUMAN, conversation[0].value.replace("<image>", span)), conversation[1]]
     assert ids.tolist() == preprocess_conversation(expanded, tiny_tokenizer, text_only=True)["input_ids"].tolist()
 
 
 def test_placeholder_count_must_match_images(tiny_tokenizer):
-    conversation = [{"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]
+    conversation = _turns(("human", "<image>\n<image>\nCompare."), ("gpt", "Same."))
     with pytest.raises(ValueError, match="more <image> placeholders than images"):
         preprocess_conversation(conversation, tiny_tokenizer, [256])
     with pytest.raises(ValueError, match="2 <image> placeholders in user turns for 3 images"):
         preprocess_conversation(conversation, tiny_tokenizer, [256, 256, 256])
 
 
-def test_bad_conversations_are_rejected(tiny_tokenizer):
-    with pytest.raises(ValueError, match="no assistant"):
-        preprocess_conversation([{"from": "human", "value": "Hi"}], tiny_tokenizer)
-    with pytest.raises(ValueError, match="unknown role 'bot'"):
-        preprocess_conversation([{"from": "bot", "value": "Hi"}, {"from": "gpt", "value": "Hi"}], tiny_tokenizer)
+def test_a_system_turn_after_the_first_is_rejected(tiny_tokenizer):
+    """The template has one system block: a later system turn cannot be rendered (parse_record refuses it too)."""
+    with pytest.raises(ValueError, match="'system' turn may only come first"):
+        preprocess_conversation(_turns(("human", "Hi"), ("system", "Be brief."), ("gpt", "Hi")), tiny_tokenizer)
 
 
 def test_truncation_never_cuts_an_image_span():

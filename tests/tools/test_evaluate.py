@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from internvl.data.prepare import prepare_dataset
+from internvl.data.records import RecordError
 from internvl.tools import evaluate
 from internvl.tools.evaluate import EvaluationConfig, load_eval_records, run_evaluation
 from internvl.tools.metrics import compute_metrics
@@ -160,6 +161,11 @@ def test_records_are_checked_with_their_source_line(tmp_path):
     no_answer = {"id": "b", "video": "b.mp4", "conversations": [{"from": "human", "value": "<video>\nSummarize."}]}
     jsonl = tmp_path / "set.jsonl"
     jsonl.write_text(json.dumps(good) + "\n" + json.dumps(no_answer) + "\n")
+    with pytest.raises(RecordError, match=r"set.jsonl:2: no non-empty 'gpt' turn"):  # refused as training does
+        load_eval_records(jsonl=jsonl)
+
+    two_questions = dict(good, conversations=good["conversations"] * 2)  # trainable, but which answer is the reference?
+    jsonl.write_text(json.dumps(good) + "\n" + json.dumps(two_questions) + "\n")
     with pytest.raises(ValueError, match=r"set.jsonl:2: evaluation needs one 'human' turn"):
         load_eval_records(jsonl=jsonl)
 

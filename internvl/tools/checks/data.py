@@ -8,12 +8,12 @@ import random
 from dataclasses import replace
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from internvl.data.records import Record, RecordError, read_records
 from internvl.tools.checks.context import CheckContext
 from internvl.tools.checks.results import CheckResult, Checked, fail, failed, listing, ok, read_json, warn
 from internvl.tools.checks.settings import SetupSettings
 
 PREPARE_COMMAND = "python scripts/prepare_internvl3_finetuning.py --input <annotations> --output-dir internvl3_data"
-CONVERSATION_ROLES = ("human", "gpt", "system")
 
 
 def check_data(context: CheckContext) -> Checked:
@@ -61,38 +61,32 @@ def check_data(context: CheckContext) -> Checked:
 
 def _check_annotation(spec, settings: SetupSettings) -> tuple[list[CheckResult], list[list[str]]]:
     """The results for one annotation file, and the answers of each of its usable records."""
-    from internvl.data.dataset import load_jsonl
-
     name = f"data {spec.name}"
     try:
-        records = load_jsonl(spec.annotation)
+        entries = read_records(spec.annotation)
     except (OSError, ValueError) as error:
         return [fail(name, str(error), f"fix or remove that line of {spec.annotation}, or rerun the prepare "
                                        "script to write the file again")], []
-    if not records:
+    if not entries:
         return [warn(name, f"{spec.annotation} holds no records; the dataset is left out")], []
-    problems, answer_texts = [], []
-    for record in records:
-        problem = _record_problem(record)
-        if problem:
-            problems.append(f"{spec.annotation.parent / record['_source']}: {problem}")
-        else:
-            answer_texts.append([turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"])
+    records = [entry for entry in entries if isinstance(entry, Record)]
+    answer_texts = [record.answers for record in records]
+    problems = [str(entry) for entry in entries if isinstance(entry, RecordError)]
     if problems:
-        return [fail(name, f"{len(problems)} of {len(records)} records are unusable: {listing(problems)}",
+        return [fail(name, f"{len(problems)} of {len(entries)} records are unusable: {listing(problems)}",
                      "fix those lines (the training would skip them)")], answer_texts
 
-    media = [(record["_source"], os.path.join(spec.root, p)) for record in records for p in _media_paths(record)]
+    media = [(record, os.path.join(spec.root, p)) for record in records for p in record.media]
     full = settings.full_media_check or len(media) <= settings.media_sample_size
     checked = media if full else random.Random(0).sample(media, settings.media_sample_size)
-    missing = [f"{spec.annotation.parent / source}: {path} ({why})"
-               for source, path in checked if (why := _media_missing(path))]
+    missing = [f"{record.path}:{record.line}: {path} ({why})"
+               for record, path in checked if (why := _media_missing(path))]
     scope = f"all {len(media)}" if full else f"a sample of {len(checked)} of {len(media)}"
     if missing:
         return [fail(name, f"{len(missing)} of {scope} referenced videos/images are unusable: {listing(missing)}",
                      f"fix the paths (relative to root {spec.root}) or the files; run with --full to list "
                      "every missing file")], answer_texts
-    return [ok(name, f"{len(records)} record(s) parse; {scope} referenced videos/images present")], answer_texts
+    return [ok(name, f"{len(entries)} record(s) parse; {scope} referenced videos/images present")], answer_texts
 
 
 def _most_answer_tokens(tokenizer, answer_texts: list[list[str]]) -> int:
@@ -155,32 +149,6 @@ def _check_batch(context: CheckContext) -> list[CheckResult]:
     return [ok(name, f"{len(samples)} longest sample(s) built and collated: {length} tokens "
                      f"(max_seq_length {data_args.max_seq_length}), {frames} tiles/frames, "
                      f"{sum(supervised)} trained tokens")]
-
-
-def _record_problem(record: dict) -> str | None:
-    """What makes a record unusable for training, checked before the run (the dataset would skip it)."""
-    conversations = record["conversations"]
-    for turn in conversations:
-        valid = isinstance(turn, dict) and turn.get("from") in CONVERSATION_ROLES and isinstance(turn.get("value"), str)
-        if not valid:
-            return f"each turn needs 'from' in {CONVERSATION_ROLES} and a string 'value', got {str(turn)[:80]}"
-    if not any(turn["from"] == "gpt" and turn["value"].strip() for turn in conversations):
-        return "no non-empty 'gpt' turn: nothing to train on"
-    if not any(turn["from"] == "human" for turn in conversations):
-        return "no 'human' turn"
-    video, image = record.get("video"), record.get("image")
-    if video is not None and not isinstance(video, str):
-        return f"'video' must be a path string, got {video!r}"
-    paths = image if isinstance(image, list) else [image]
-    if image is not None and not all(isinstance(p, str) for p in paths):
-        return f"'image' must be a path or a list of paths, got {image!r}"
-    return None
-
-
-def _media_paths(record: dict) -> list[str]:
-    if record.get("image"):
-        return record["image"] if isinstance(record["image"], list) else [record["image"]]
-    return [record["video"]] if record.get("video") else []
 
 
 def _media_missing(path: str) -> str | None:
