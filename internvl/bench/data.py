@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from internvl.data import InternVLDataCollator, build_datasets, build_transform, probe_video, read_video_frames
+from internvl.data.dataset import MetaEntry, write_meta
 from internvl.data.demo import encode_mp4
 from internvl.model.tiny import build_tiny_tokenizer
 
@@ -103,20 +104,8 @@ def run_data_benchmark(
             ],
         }
         (tmp / "bench.jsonl").write_text(json.dumps(record) + "\n")
-        (tmp / "meta.json").write_text(
-            json.dumps(
-                {
-                    "bench": {
-                        "root": "/",
-                        "annotation": "bench.jsonl",
-                        "data_augment": False,
-                        "max_dynamic_patch": 1,
-                        "repeat_time": samples,
-                        "length": samples,
-                    }
-                }
-            )
-        )
+        entry = MetaEntry(root="/", annotation="bench.jsonl", length=samples, max_dynamic_patch=1, repeat_time=samples)
+        write_meta(tmp / "meta.json", {"bench": entry})
         tokenizer = build_tiny_tokenizer()
         dataset, _ = build_datasets(tmp / "meta.json", tokenizer, min_num_frame=frames, max_num_frame=frames)
         start = time.perf_counter()

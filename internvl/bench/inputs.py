@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from internvl.data.dataset import MetaEntry, write_meta
 from internvl.data.files import atomic_directory
 
 TINY_MODEL = "tiny"
@@ -104,14 +105,6 @@ def prepare_videos(output_dir: str | Path, *, num_frames: int, num_samples: int,
             for i in range(num_samples)
         ]
         (staging / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        meta = {
-            "benchmark_videos": {
-                "root": ".",
-                "annotation": "train.jsonl",
-                "data_augment": False,
-                "repeat_time": 1,
-                "length": num_samples,
-            }
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        entry = MetaEntry(root=".", annotation="train.jsonl", length=num_samples)
+        write_meta(staging / "meta.json", {"benchmark_videos": entry})
     return output_dir / "meta.json"

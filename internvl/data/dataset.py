@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl.conversation import video_frame_prompt
+from internvl.data.files import atomic_write_text
 from internvl.data.records import Record, RecordError, Role, Turn, read_records
 from internvl.data.tiling import build_transform, dynamic_preprocess
 from internvl.data.tokenize import SampleTooLongError, image_token_ids, preprocess_conversation, truncate_sample
@@ -84,6 +86,53 @@ def _resolve(meta_dir: Path, value: str, what: str, meta_path: Path) -> Path:
     )
 
 
+@dataclass(frozen=True)
+class MetaEntry:
+    """One ``meta.json`` entry as ``write_meta`` writes it: the official keys, paths as written (relative to the meta
+    file's folder, or absolute)."""
+
+    root: str
+    annotation: str
+    length: int  # records in the annotation file; informational
+    data_augment: bool = False
+    max_dynamic_patch: int | None = None  # None: not written, the training's --max_dynamic_patch applies
+    repeat_time: float = 1
+
+    def to_json(self) -> dict:
+        return {key: getattr(self, key) for key in META_KEYS if getattr(self, key) is not None}
+
+
+def _check_meta_entry(entry, where: str) -> None:
+    """What ``load_meta`` refuses in an entry (and so ``write_meta`` never writes), as a ``ValueError``."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with keys {', '.join(META_KEYS)}")
+    for key in ("root", "annotation"):
+        if not isinstance(entry.get(key), str):
+            raise ValueError(f"{where}: missing the {key!r} path")
+    if not entry["annotation"].endswith(".jsonl"):
+        raise ValueError(f"{where}: 'annotation' must be a .jsonl file, got {entry['annotation']!r}")
+    repeat_time = entry.get("repeat_time", 1)
+    if not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
+        raise ValueError(f"{where}: 'repeat_time' must be a positive number, got {repeat_time!r}")
+    if repeat_time > 1 and repeat_time != int(repeat_time):
+        raise ValueError(f"{where}: a 'repeat_time' above 1 must be a whole number, got {repeat_time}")
+    max_patch = entry.get("max_dynamic_patch")
+    if max_patch is not None and (not isinstance(max_patch, int) or max_patch < 1):
+        raise ValueError(f"{where}: 'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+
+
+def write_meta(meta_path: str | os.PathLike, entries: Mapping[str, MetaEntry]) -> None:
+    """Write ``meta.json`` (atomically) with ``entries`` under their dataset names, in the official key order; an
+    entry ``load_meta`` would refuse is a ``ValueError`` and nothing is written."""
+    meta_path = Path(meta_path)
+    if not entries:
+        raise ValueError(f"{meta_path}: a meta file needs at least one dataset")
+    meta = {name: entry.to_json() for name, entry in entries.items()}
+    for name, entry in meta.items():
+        _check_meta_entry(entry, f"{meta_path}: dataset {name!r}")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     """Read and check ``meta.json``: ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time,
     length}}`` (``length`` is informational and ``max_dynamic_patch`` optional)."""
@@ -100,30 +149,15 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
         raise ValueError(f"{meta_path}: expected a JSON object {{dataset name: settings}}, with at least one entry")
     specs = []
     for name, entry in meta.items():
-        where = f"{meta_path}: dataset {name!r}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object with keys {', '.join(META_KEYS)}")
-        for key in ("root", "annotation"):
-            if not isinstance(entry.get(key), str):
-                raise ValueError(f"{where}: missing the {key!r} path")
-        if not entry["annotation"].endswith(".jsonl"):
-            raise ValueError(f"{where}: 'annotation' must be a .jsonl file, got {entry['annotation']!r}")
-        repeat_time = entry.get("repeat_time", 1)
-        if not isinstance(repeat_time, (int, float)) or repeat_time <= 0:
-            raise ValueError(f"{where}: 'repeat_time' must be a positive number, got {repeat_time!r}")
-        if repeat_time > 1 and repeat_time != int(repeat_time):
-            raise ValueError(f"{where}: a 'repeat_time' above 1 must be a whole number, got {repeat_time}")
-        max_patch = entry.get("max_dynamic_patch")
-        if max_patch is not None and (not isinstance(max_patch, int) or max_patch < 1):
-            raise ValueError(f"{where}: 'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+        _check_meta_entry(entry, f"{meta_path}: dataset {name!r}")
         specs.append(
             DatasetSpec(
                 name=name,
                 root=_resolve(meta_path.parent, entry["root"], "root", meta_path),
                 annotation=_resolve(meta_path.parent, entry["annotation"], "annotation", meta_path),
                 data_augment=bool(entry.get("data_augment", False)),
-                max_dynamic_patch=max_patch,
-                repeat_time=repeat_time,
+                max_dynamic_patch=entry.get("max_dynamic_patch"),
+                repeat_time=entry.get("repeat_time", 1),
             )
         )
     return specs

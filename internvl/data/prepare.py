@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from internvl.constants import VIDEO_PLACEHOLDER
+from internvl.data.dataset import MetaEntry, write_meta
 from internvl.data.files import atomic_directory, atomic_write_text
 from internvl.data.video import (
     VIDEO_SUFFIXES,
@@ -504,7 +505,7 @@ def prepare_dataset(
     data_root = output_dir if extract else root
 
     files: dict[str, str] = {REJECTS_FILE: "".join(rejection.to_json() + "\n" for rejection in rejected)}
-    meta = {}
+    meta: dict[str, MetaEntry] = {}
     for name, records in ((TRAIN_NAME, train), (VAL_NAME, val)):
         ids = _record_ids(records)
         lines = []
@@ -514,18 +515,15 @@ def prepare_dataset(
             lines.append(_record_json(record, ids[position], video, prompt, system_prompt, extracted) + "\n")
         annotation = f"{name}.jsonl"
         files[annotation] = "".join(lines)
-        meta[name] = {
-            "root": _path_for_meta(data_root, output_dir, absolute_root),
-            "annotation": os.path.abspath(output_dir / annotation) if absolute_root else annotation,
-            "data_augment": False,
-            "max_dynamic_patch": 1,
-            "repeat_time": 1,
-            "length": len(records),
-        }
-    files[META_FILE] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    # meta.json last: it only ever points at complete files.
+        meta[name] = MetaEntry(
+            root=_path_for_meta(data_root, output_dir, absolute_root),
+            annotation=os.path.abspath(output_dir / annotation) if absolute_root else annotation,
+            length=len(records),
+            max_dynamic_patch=1,
+        )
     for file_name, text in files.items():
         atomic_write_text(output_dir / file_name, text)
+    write_meta(output_dir / META_FILE, meta)  # last: it only ever points at complete files
 
     report.train_records, report.val_records = len(train), len(val)
     report.train_videos = len({record.real_path for record in train})

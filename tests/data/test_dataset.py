@@ -14,7 +14,7 @@ from PIL import Image
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
 from internvl.data import InternVLDataCollator, build_datasets
-from internvl.data.dataset import DatasetHealthError
+from internvl.data.dataset import DatasetHealthError, MetaEntry, load_meta, write_meta
 from internvl.data.prepare import prepare_dataset
 
 SMALL_VIDEO = dict(min_num_frame=2, max_num_frame=4)
@@ -29,15 +29,8 @@ def _write_meta(folder, entries: dict[str, list[dict]], **settings) -> str:
     meta = {}
     for name, records in entries.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        meta[name] = {
-            "root": ".",
-            "annotation": f"{name}.jsonl",
-            "data_augment": False,
-            "repeat_time": 1,
-            "length": len(records),
-            **settings.get(name, {}),
-        }
-    (folder / "meta.json").write_text(json.dumps(meta))
+        meta[name] = MetaEntry(root=".", annotation=f"{name}.jsonl", length=len(records), **settings.get(name, {}))
+    write_meta(folder / "meta.json", meta)
     return str(folder / "meta.json")
 
 
@@ -273,6 +266,37 @@ def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
     )
     with pytest.raises(ValueError, match="no training samples"):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
+
+
+def test_write_meta_writes_what_load_meta_reads(tmp_path):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "val.jsonl").write_text("")
+    entries = {
+        "clips_train": MetaEntry(root="clips", annotation="train.jsonl", length=12, max_dynamic_patch=1, repeat_time=2),
+        "clips_val": MetaEntry(root=str(tmp_path / "clips"), annotation="val.jsonl", length=3, data_augment=True),
+    }
+    write_meta(tmp_path / "meta.json", entries)
+    written = json.loads((tmp_path / "meta.json").read_text())
+    # The official keys in the official order; an unset max_dynamic_patch is left to the training flag.
+    assert list(written["clips_train"]) == ["root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time",
+                                            "length"]  # fmt: skip
+    assert "max_dynamic_patch" not in written["clips_val"]
+    train, val = load_meta(tmp_path / "meta.json")
+    assert (train.name, train.root, train.annotation) == ("clips_train", tmp_path / "clips", tmp_path / "train.jsonl")
+    assert (train.max_dynamic_patch, train.repeat_time, train.data_augment, train.is_eval) == (1, 2, False, False)
+    assert (val.root, val.max_dynamic_patch, val.data_augment, val.is_eval) == (tmp_path / "clips", None, True, True)
+
+
+def test_write_meta_refuses_what_load_meta_would(tmp_path):
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="'annotation' must be a .jsonl file"):
+        write_meta(tmp_path / "meta.json", {"d": MetaEntry(root=".", annotation="d.json", length=1)})
+    with pytest.raises(ValueError, match="a 'repeat_time' above 1 must be a whole number"):
+        write_meta(tmp_path / "meta.json", {"d": MetaEntry(root=".", annotation="d.jsonl", length=1, repeat_time=1.5)})
+    with pytest.raises(ValueError, match="at least one dataset"):
+        write_meta(tmp_path / "meta.json", {})
+    assert (tmp_path / "meta.json").read_text() == "{}"  # nothing written
 
 
 def test_bad_samples_in_dataloader_workers_reach_the_main_process(tmp_path, demo_videos_dir, tiny_tokenizer):
