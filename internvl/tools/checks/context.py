@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from internvl.tools.checks.results import CheckResult
 from internvl.tools.checks.settings import SetupSettings
 from internvl.tools.resource_estimates import DiskEstimate, MemoryEstimate
 
@@ -22,3 +23,7 @@ class CheckContext:
     answer_tokens: int | None = None  # the most supervised tokens of one record (data)
     memory_estimate: MemoryEstimate | None = None  # (resources)
     disk_estimate: DiskEstimate | None = None  # (resources)
+
+
+# What every check returns: its results, and the context it was given with what it found filled in.
+Checked = tuple[list[CheckResult], CheckContext]

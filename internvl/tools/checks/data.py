@@ -1,5 +1,6 @@
-"""The data: ``meta.json``, every record of its annotation files, the videos and images they reference, and one
-real batch built by the project's own dataset and collator."""
+"""The data: ``meta.json``, every record of its annotation files (read by ``internvl.data.records``, as training
+reads them), the videos and images they reference, and one real batch built by the project's own dataset and
+collator."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import replace
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl.data.records import Record, RecordError, read_records
-from internvl.tools.checks.context import CheckContext
-from internvl.tools.checks.results import CheckResult, Checked, fail, failed, listing, ok, read_json, warn
+from internvl.tools.checks.context import CheckContext, Checked
+from internvl.tools.checks.results import CheckResult, fail, failed, listing, ok, read_json, warn
 from internvl.tools.checks.settings import SetupSettings
 
 PREPARE_COMMAND = "python scripts/prepare_internvl3_finetuning.py --input <annotations> --output-dir internvl3_data"

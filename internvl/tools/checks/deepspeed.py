@@ -7,8 +7,8 @@ import shutil
 from dataclasses import replace
 from typing import Any
 
-from internvl.tools.checks.context import CheckContext
-from internvl.tools.checks.results import CheckResult, Checked, fail, ok, read_json, warn
+from internvl.tools.checks.context import CheckContext, Checked
+from internvl.tools.checks.results import CheckResult, fail, ok, read_json, warn
 from internvl.tools.checks.settings import SetupSettings, int_or
 
 

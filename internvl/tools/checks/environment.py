@@ -11,8 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from internvl.tools.checks.context import CheckContext
-from internvl.tools.checks.results import Checked, fail, ok, size, warn
+from internvl.tools.checks.context import CheckContext, Checked
+from internvl.tools.checks.results import fail, ok, size, warn
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[3] / "requirements_official.txt"
 # Needed only by evaluation and plots: a missing one is a warning, not a blocker for training.

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.constants import CHATML_SPECIAL_TOKENS, IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
-from internvl.tools.checks.context import CheckContext
-from internvl.tools.checks.results import CheckResult, Checked, fail, listing, ok, read_json, size, warn
+from internvl.tools.checks.context import CheckContext, Checked
+from internvl.tools.checks.results import CheckResult, fail, listing, ok, read_json, size, warn
 
 DOWNLOAD_COMMAND = "bash scripts/download_internvl3_models.sh"
 # Tensors every InternVL3 checkpoint has under the official names; their absence means a wrong or partial folder.

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from internvl.constants import INTERNVL3_8B_CONFIG
-from internvl.tools.checks.context import CheckContext
-from internvl.tools.checks.results import Checked, fail, ok, size, warn
+from internvl.tools.checks.context import CheckContext, Checked
+from internvl.tools.checks.results import fail, ok, size, warn
 from internvl.tools.checks.settings import int_or
 from internvl.tools.resource_estimates import estimate_disk_usage, estimate_gpu_memory
 

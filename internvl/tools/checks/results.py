@@ -7,12 +7,9 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from internvl.tools.resource_estimates import GIB, DiskEstimate, MemoryEstimate
-
-if TYPE_CHECKING:
-    from internvl.tools.checks.context import CheckContext
 
 # Longest list of problems one message names; the rest are counted.
 MAX_LISTED = 5
@@ -55,10 +52,6 @@ def warn(name: str, message: str, fix: str | None = None) -> CheckResult:
 
 def fail(name: str, message: str, fix: str) -> CheckResult:
     return CheckResult(name, Status.FAIL, message, fix)
-
-
-# What every check returns: its results, and the context with what it found added (see ``CheckContext``).
-Checked = tuple[list[CheckResult], "CheckContext"]
 
 
 def failed(results: Sequence[CheckResult]) -> bool:
