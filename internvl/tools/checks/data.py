@@ -9,7 +9,6 @@ import random
 from dataclasses import replace
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-from internvl.data.records import Record, RecordError, read_records
 from internvl.tools.checks.context import CheckContext, Checked
 from internvl.tools.checks.results import CheckResult, fail, failed, listing, ok, read_json, warn
 from internvl.tools.checks.settings import SetupSettings
@@ -62,6 +61,8 @@ def check_data(context: CheckContext) -> Checked:
 
 def _check_annotation(spec, settings: SetupSettings) -> tuple[list[CheckResult], list[list[str]]]:
     """The results for one annotation file, and the answers of each of its usable records."""
+    from internvl.data.records import Record, RecordError, read_records  # internvl.data imports torch
+
     name = f"data {spec.name}"
     try:
         entries = read_records(spec.annotation)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 from internvl.tools.checks import Status, environment
 from internvl.tools.resource_estimates import GIB
-from tests.tools.checks.test_settings import context_for
+from tests.tools.checks.test_settings import REPO, context_for
 
 
 def test_packages_missing_or_too_old(tmp_path, monkeypatch):
@@ -51,3 +53,11 @@ def test_gpu_checks_against_the_visible_gpus(good_setup, monkeypatch):
     assert results["GPUs"].status == Status.FAIL and "GPUS=3" in results["GPUs"].message
     assert "GPUS=2" in results["GPUs"].fix
     assert results["bf16"].status == Status.FAIL and "V100" in results["bf16"].message
+
+
+def test_importing_the_checks_leaves_torch_to_the_checks():
+    """torch, transformers and the model package are imported by the checks that examine them, not on import."""
+    code = "import sys, internvl.tools.checks; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
