@@ -33,7 +33,17 @@ def check_runtime(context: CheckContext) -> Checked:
     if accelerator == "cpu":
         message = f"DeepSpeed {deepspeed.__version__} runs on the CPU accelerator (gloo)"
         return [warn("accelerator", message)], context
-    return [ok("accelerator", f"DeepSpeed {deepspeed.__version__} on {accelerator}")], context
+    return [ok("accelerator", f"DeepSpeed {deepspeed.__version__} on {accelerator}"), *_check_arch_list()], context
+
+
+def _check_arch_list() -> list[CheckResult]:
+    """A ``TORCH_CUDA_ARCH_LIST`` that DeepSpeed's op builds cannot parse, and what training does about it."""
+    from internvl.train.launch import deepspeed_compatible_arch_list
+
+    fixed = deepspeed_compatible_arch_list(os.environ)
+    if fixed is None:
+        return []
+    return [ok("CUDA architectures", f"{fixed[1]}; the launcher and training do this by themselves")]
 
 
 def check_config(context: CheckContext) -> Checked:

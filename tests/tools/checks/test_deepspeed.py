@@ -26,3 +26,11 @@ def test_a_valid_config_is_handed_on(good_setup):
     results, context = deepspeed.check_config(context_for(good_setup, DEEPSPEED_CONFIG=str(shipped)))
     assert results[0].status == Status.OK and "ZeRO stage 3" in results[0].message
     assert context.deepspeed_config == json.loads(shipped.read_text())
+
+
+def test_an_arch_list_deepspeed_cannot_parse_is_reported_with_what_training_does(good_setup, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    [result] = deepspeed._check_arch_list()
+    assert result.status == Status.OK and "'8.0;9.0a' set to '8.0;9.0'" in result.message
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert deepspeed._check_arch_list() == []
