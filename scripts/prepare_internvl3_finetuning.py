@@ -18,10 +18,12 @@ from internvl.data.prepare import (  # noqa: E402
     DEFAULT_INPUT,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PROMPT,
+    META_FILE,
     REJECTS_FILE,
     PrepareError,
     prepare_dataset,
 )
+from internvl.data.dataset import SampleOptions  # noqa: E402
 from internvl.data.video import VIDEO_BACKENDS  # noqa: E402
 
 NO_INPUT_HELP = f"""\
@@ -76,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--video-backend", choices=VIDEO_BACKENDS, default="pyav", help="decoder (default: %(default)s)"
     )
+    parser.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=SampleOptions.max_seq_length,
+        help="training's --max_seq_length: summaries too long to fit a sample of this many tokens are warned about "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             num_frames=args.num_frames,
             absolute_root=args.absolute_root,
             video_backend=args.video_backend,
+            max_seq_length=args.max_seq_length,
             progress=not args.no_progress,
         )
     except PrepareError as error:
@@ -111,10 +121,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rejected {rejection}", file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # reading the input: the file and the cause, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        meta = args.output_dir / META_FILE
+        print(f"interrupted: {meta} names a complete set, the previous one unless the new one was out", file=sys.stderr)
+        return 130
     for rejection in report.rejected:
         print(f"rejected {rejection}")
     if report.rejected:
-        print(f"(also listed in {args.output_dir / REJECTS_FILE})")
+        print(f"(also listed in {report.version_dir / REJECTS_FILE})")
+    for long_summary in report.long_summaries:
+        print(f"warning {long_summary}")
     print("\n".join(report.summary_lines()))
     return 0
 

@@ -36,7 +36,7 @@ from internvl.data.files import atomic_write_text
 from internvl.data.records import Record, RecordError, Role, Turn, read_records
 from internvl.data.tiling import build_transform, dynamic_preprocess
 from internvl.data.tokenize import SampleTooLongError, image_token_ids, preprocess_conversation, truncate_sample
-from internvl.data.video import VIDEO_BACKENDS, is_frame_folder, probe_video, read_video_frames
+from internvl.data.video import VIDEO_BACKENDS, probe_video, read_video_frames, recorded_frame_count
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ MAX_CONSECUTIVE_FAILURES = 10
 FAILURE_WINDOW = 50
 MAX_FAILURE_RATE = 0.5
 TEXT_ONLY_DUMMY_SIZE = 224
+
+
+def video_frame_token_estimate(num_image_token: int) -> int:
+    """Tokens one video frame takes: its image span (``<img>``, the context tokens, ``</img>``) and its
+    ``Frame-N: `` line."""
+    return num_image_token + 2 + 6
 
 
 class DatasetHealthError(RuntimeError):
@@ -286,7 +292,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             frames = (self.options.min_num_frame + self.options.max_num_frame) // 2
             if record.decoded_frames:
                 frames = min(frames, record.decoded_frames)
-            return (per_tile + 6) * frames  # + the "Frame-N: " line
+            return video_frame_token_estimate(self.options.num_image_token) * frames
         return 0
 
     # -- samples ----------------------------------------------------------------------------------------------------
@@ -351,9 +357,11 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         return self._sample(record.conversations, [white], [], text_only=True)
 
     def _video_length(self, record: Record, path: str) -> tuple[int, float | None]:
-        """(frames that decode, fps): from the folder listing, the prepare metadata, or a probe (cached)."""
-        if not is_frame_folder(path) and record.decoded_frames:
-            return record.decoded_frames, record.fps
+        """(frames that decode, fps): from the prepare metadata when it was counted by this decoder, else from the
+        folder listing or a probe (cached)."""
+        recorded = recorded_frame_count(path, self.options.video_backend, record.decoded_frames, record.decoder)
+        if recorded is not None:
+            return recorded, record.fps
         if path not in self._frame_counts:
             info = probe_video(path, self.options.video_backend)
             self._frame_counts[path] = (info.num_frames, info.fps)

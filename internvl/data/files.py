@@ -1,7 +1,8 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and an exclusive lock."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -69,3 +70,39 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
+
+
+_LOCKING_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on the file ``path`` (created, with its folder, if missing); ``LockHeldError`` if
+    another process holds it. The system drops the lock when its holder dies, so a killed run never leaves a stale
+    one. The lock file stays: deleting it would let a third process lock a new file while the second holds the old.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, the caller runs unlocked
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(f"{path} is locked by another process") from None
+        except OSError as error:
+            if error.errno not in _LOCKING_UNSUPPORTED:
+                raise
+            yield  # a file system without locks (some network mounts): the caller runs unlocked
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

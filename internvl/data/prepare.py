@@ -2,23 +2,37 @@
 
 Input is an annotation file (CSV, JSON list or JSONL; one video path and one summary per record) or a folder of
 videos with same-name ``.txt`` summaries (or an ``annotations.csv|jsonl|json`` inside it). Every record is checked:
-the video path and the summary are text, the video path stays inside the video root, the file exists, opens and
-decodes at least one frame, the summary is not empty, and the (video, summary) pair is not a duplicate. Bad records
-are skipped with a reason (``--strict`` makes them fatal) and written to ``rejected_records.jsonl``.
+the video path and the summary are UTF-8 text without NUL characters, the video path stays inside the video root,
+the file exists, opens and decodes at least one frame, the summary is not empty, and the (video, summary) pair is
+not a duplicate. Bad records are skipped with a reason (``--strict`` makes them fatal) and written to
+``rejected_records.jsonl``; a CSV whose quoting would merge or cut records is refused, naming the line. Summaries
+too long to ever fit a training sample are kept and warned about.
 
-Output (``OUTPUT_DIR``): ``meta.json`` with the entries ``video_summary_dataset_train`` and
-``video_summary_dataset_val`` (official keys), the two JSONL files, and ``rejected_records.jsonl``. Records of one
-video never straddle the split. Paths inside are relative (the video root relative to ``OUTPUT_DIR``) unless
-``absolute_root``, and nothing depends on the clock or the machine, so the same input gives byte-identical files.
-Every file is written to a temporary name and renamed, so an interrupted run leaves the previous files intact.
+Output (``OUTPUT_DIR``): ``meta.json`` (official keys) and a folder ``prepared-<version>/`` holding the JSONL files,
+``rejected_records.jsonl`` and, with ``--extract-frames``, the frames. ``meta.json`` names the entry
+``video_summary_dataset_train`` and, when the split holds records, ``video_summary_dataset_val``: an empty split
+gets no entry. Records of one video never straddle the split. Paths inside are relative (the video root relative
+to ``OUTPUT_DIR``) unless ``absolute_root``, and nothing depends on the clock or the machine, so the same input gives
+byte-identical files (the version is a hash of the content).
+
+The outputs change as a set: the version folder is written under a temporary name and renamed into place, then
+``meta.json`` is switched to it (a temporary file renamed over the old one), and only then are older versions
+removed. A run killed at any point leaves ``meta.json`` naming either the old set or the new one, both complete.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
+import errno
+import hashlib
+import io
 import json
 import os
 import random
+import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +40,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from internvl.constants import VIDEO_PLACEHOLDER
-from internvl.data.dataset import MetaEntry, write_meta
-from internvl.data.files import atomic_directory, atomic_write_text
+from internvl.conversation import get_conv_template
+from internvl.data.dataset import MetaEntry, SampleOptions, video_frame_token_estimate, write_meta
+from internvl.data.files import LockHeldError, atomic_directory, atomic_write_text, exclusive_lock
 from internvl.data.video import (
     VIDEO_SUFFIXES,
     NotAVideoError,
@@ -47,12 +62,26 @@ VAL_NAME = "video_summary_dataset_val"
 META_FILE = "meta.json"
 REJECTS_FILE = "rejected_records.jsonl"
 FRAMES_DIR = "frames"
+VERSION_PREFIX = "prepared-"
+_VERSION_FOLDER = re.compile(re.escape(VERSION_PREFIX) + "[0-9a-f]{12}")
+LOCK_FILE = ".prepare.lock"
 ANNOTATION_FILE_NAMES = ("annotations.csv", "annotations.jsonl", "annotations.json")
 ANNOTATION_SUFFIXES = (".csv", ".json", ".jsonl")
 VIDEO_KEY_ALIASES = tuple(
     "video video_path videopath video_file video_name path file filename file_name clip media".split()
 )
 SUMMARY_KEY_ALIASES = tuple("summary caption text description answer reference response target label output".split())
+# Delimiters people export "CSV" with instead of commas, by name.
+OTHER_CSV_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+# A line that starts like a CSV record of its own (a video path, then a comma): inside a field, a runaway quote.
+_RECORD_LIKE_LINE = re.compile(
+    r'^\s*"?[^",\n]*(' + "|".join(re.escape(suffix) for suffix in VIDEO_SUFFIXES) + r')"?\s*,', re.IGNORECASE
+)
+# Qwen2.5's tokenizer turns English prose into about one token per 4 to 5 characters, and Chinese into about one per
+# character (3 UTF-8 bytes): one token per 4 bytes is a fair estimate for both, without loading a tokenizer.
+UTF8_BYTES_PER_TOKEN = 4
+# Surrogate escapes stand for bytes that were not UTF-8 (text is read with errors="surrogateescape").
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 # Rejection reasons, as written to the rejects file.
 MISSING_VIDEO_PATH = "missing_video_path"
@@ -64,6 +93,9 @@ NOT_A_VIDEO = "not_a_video"
 UNDECODABLE_VIDEO = "undecodable_video"
 DUPLICATE = "duplicate"
 NOT_TEXT = "not_text"
+NOT_UTF8 = "not_utf8"
+NUL_CHARACTER = "nul_character"
+EXTRA_FIELDS = "extra_fields"
 
 
 class PrepareError(Exception):
@@ -80,6 +112,12 @@ class RawRecord:
     # Text as read; a JSON list, object or boolean is kept as is, for validation to reject.
     video: str | None
     summary: str | None
+    summary_file: str | None = None  # folder input: the .txt the summary comes from
+
+
+def printable(text: str) -> str:
+    """``text`` with bytes that were not UTF-8 shown as ``\\xe9``, so it can be printed and written as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -118,6 +156,10 @@ class PrepareReport:
     train_videos: int = 0
     val_videos: int = 0
     short_videos: list[tuple[str, int, int]] = field(default_factory=list)  # (video, decoded, announced)
+    val_ratio: float = 0.0
+    summary_budget: int = 0  # estimated tokens a summary has room for
+    long_summaries: list[LongSummary] = field(default_factory=list)
+    version_dir: Path | None = None  # the published folder, named by meta.json
 
     @property
     def rejected_by_reason(self) -> Counter:
@@ -140,15 +182,25 @@ class PrepareReport:
             f"rejected {len(self.rejected)} records"
             + "".join(f"\n  {reason}: {count}" for reason, count in sorted(self.rejected_by_reason.items())),
             f"train: {self.train_records} records ({self.train_videos} videos)",
-            f"val: {self.val_records} records ({self.val_videos} videos)",
         ]
+        if self.val_records:
+            lines.append(f"val: {self.val_records} records ({self.val_videos} videos)")
+        else:
+            why = "--val-ratio 0" if self.val_ratio == 0 else "a single video cannot be split"
+            lines.append(f"val: none ({why}): meta.json has no {VAL_NAME} entry, training runs without evaluation")
+        if self.long_summaries:
+            longest = max(self.long_summaries, key=lambda item: item.tokens)
+            lines.append(
+                f"summaries too long for any training sample: {len(self.long_summaries)} (longest: {longest.source}, "
+                f"about {longest.tokens:,} tokens; room for about {self.summary_budget:,}); kept, see the warnings"
+            )
         if self.short_videos:
             video, decoded, announced = max(self.short_videos, key=lambda item: item[2] - item[1])
             lines.append(
                 f"videos that decode fewer frames than their container announces: {len(self.short_videos)} (largest "
                 f"gap: {video}, {decoded} of {announced}); the decoded counts are recorded and used"
             )
-        lines.append(f"wrote {self.output_dir / META_FILE}")
+        lines.append(f"wrote {self.output_dir / META_FILE} (data in {self.version_dir})")
         return lines
 
 
@@ -157,19 +209,20 @@ class PrepareReport:
 
 def _pick_key(available: list[str], wanted: str | None, aliases: tuple[str, ...], what: str, source: Path) -> str:
     by_lower = {key.lower(): key for key in available}
+    listed = ", ".join(printable(key) for key in available) or "nothing"
     if wanted is not None:
         if wanted in available:
             return wanted
         if wanted.lower() in by_lower:
             return by_lower[wanted.lower()]
-        raise PrepareError(f"{source}: no {wanted!r} field; the records have: {', '.join(available) or 'nothing'}")
+        raise PrepareError(f"{source}: no {wanted!r} field; the records have: {listed}")
     for alias in aliases:
         if alias in by_lower:
             return by_lower[alias]
     option = "--video-key" if what == "video" else "--summary-key"
     raise PrepareError(
-        f"{source}: no {what} field found among {', '.join(available) or 'nothing'} (looked for "
-        f"{', '.join(aliases)}); name the column with {option}"
+        f"{source}: no {what} field found among {listed} (looked for {', '.join(aliases)}); name the column with "
+        f"{option}"
     )
 
 
@@ -180,46 +233,160 @@ def _text(value):
     return value
 
 
-def read_annotation_file(path: Path, video_key: str | None = None, summary_key: str | None = None) -> list[RawRecord]:
-    """Records of a CSV (with a header row), a JSON list of objects or a JSONL file."""
-    suffix = path.suffix.lower()
-    rows: list[tuple[str, dict]] = []
+def _read_bytes(path: Path) -> bytes:
     try:
-        if suffix == ".csv":
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f)
-                keys = list(reader.fieldnames or [])
-                rows = [(f"{path.name}:{reader.line_num}", row) for row in reader]
-        elif suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append((f"{path.name}:{line_number}", json.loads(line)))
-                    except json.JSONDecodeError as error:
-                        raise PrepareError(f"{path}:{line_number}: not valid JSON ({error}); fix that line") from None
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise PrepareError(f"{path}: a JSON annotation file must hold a list of records")
-            rows = [(f"{path.name}[{index}]", row) for index, row in enumerate(data)]
-        else:
-            raise PrepareError(f"{path}: unsupported annotation format; use {', '.join(ANNOTATION_SUFFIXES)}")
-    except json.JSONDecodeError as error:
-        raise PrepareError(f"{path}: not valid JSON ({error}); fix the file or convert it to CSV") from None
-    except UnicodeDecodeError as error:
-        raise PrepareError(f"{path}: not UTF-8 text ({error}); save it as UTF-8") from None
+        return path.read_bytes()
+    except OSError as error:
+        raise PrepareError(f"{path}: cannot read it ({error.strerror}); check the file and its permissions") from None
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text; bytes that are not UTF-8 become surrogate escapes, for validation to reject the records holding
+    them: nothing is guessed or replaced."""
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _read_annotation_text(path: Path) -> str:
+    data = _read_bytes(path)
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise PrepareError(f"{path}: UTF-16 text; save it as UTF-8")
+    return _decode(data)
+
+
+def _csv_error(path: Path, start: int, line: int, error: csv.Error) -> PrepareError:
+    quote_rule = 'a quote inside a field is written as two ("")'
+    if "unexpected end of data" in str(error):
+        return PrepareError(
+            f"{path}:{start}: a quoted field opens on this line and is never closed, so lines {start}-{line} would "
+            f"be one field; close the quote ({quote_rule})"
+        )
+    if "expected after" in str(error):
+        if line > start:
+            return PrepareError(
+                f"{path}:{start}: a quoted field opens on this line and runs to line {line}, where a quote ends it "
+                f"in the middle; close the quote on line {start} where the field ends ({quote_rule})"
+            )
+        return PrepareError(
+            f"{path}:{line}: a quote ends a quoted field in the middle (only a comma or the end of the line may "
+            f"follow a closing quote); {quote_rule}"
+        )
+    return PrepareError(f"{path}:{line}: not valid CSV ({error}); fix that line")
+
+
+def _csv_rows(path: Path) -> list[tuple[int, int, list[str]]]:
+    """(first line, last line, fields) of every non-blank row of a comma-separated file, the header first.
+
+    Quoting is strict: a stray quote would otherwise merge records into one field or cut a field short, silently.
+    """
+    reader = csv.reader(io.StringIO(_read_annotation_text(path), newline=""), strict=True, skipinitialspace=True)
+    rows, end = [], 0
+    # Long fields are the length check's business, not a crash: lift the 128 KiB default while reading.
+    field_limit = csv.field_size_limit(2**31 - 1)
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if fields:
+                rows.append((start, end, fields))
+    except csv.Error as error:
+        raise _csv_error(path, end + 1, reader.line_num, error) from None
+    finally:
+        csv.field_size_limit(field_limit)
+    return rows
+
+
+def _runaway_quote(path: Path, start: int, end: int, fields: list[str]) -> PrepareError | None:
+    """A row whose field holds a line that looks like a record of its own: a quote was opened and closed only
+    rows later, swallowing the rows between."""
+    lines_before = 0
+    for value in fields:
+        for offset, line in enumerate(value.split("\n")[1:], 1):
+            if _RECORD_LIKE_LINE.match(line):
+                return PrepareError(
+                    f"{path}:{start}: a quoted field opens on this line and runs to line {end}, taking in line "
+                    f"{start + lines_before + offset} ({printable(line[:60])!r}) as text; close the quote where the "
+                    'field ends (a quote inside a field is written as two: "")'
+                )
+        lines_before += value.count("\n")
+    return None
+
+
+def _read_csv(path: Path, video_key: str | None, summary_key: str | None) -> tuple[list[RawRecord], list[Rejection]]:
+    rows = _csv_rows(path)
+    if not rows:
+        raise PrepareError(f"{path}: holds no records")
+    (_, _, header), rows = rows[0], rows[1:]
+    if len(header) == 1:
+        for delimiter, name in OTHER_CSV_DELIMITERS.items():
+            if delimiter in header[0]:
+                raise PrepareError(
+                    f"{path}: the header {printable(header[0])!r} is one field: the file is {name}-separated, and "
+                    "CSV input must be comma-separated; export it with commas (or as JSONL)"
+                )
+    if any(_UNDECODABLE.search(name) or "\x00" in name for name in header):
+        raise PrepareError(f"{path}: the header {printable(','.join(header))!r} is not UTF-8 text; save it as UTF-8")
+    if not rows:
+        raise PrepareError(f"{path}: holds no records")
+    video_field = _pick_key(header, video_key, VIDEO_KEY_ALIASES, "video", path)
+    summary_field = _pick_key(header, summary_key, SUMMARY_KEY_ALIASES, "summary", path)
+    records, rejected = [], []
+    for start, end, fields in rows:
+        runaway = _runaway_quote(path, start, end, fields)
+        if runaway is not None:
+            raise runaway
+        row = dict(zip(header, fields))
+        source = f"{path.name}:{start}"
+        if any(extra.strip() for extra in fields[len(header) :]):
+            cut = printable(row.get(summary_field) or "")
+            rejected.append(
+                Rejection(
+                    source,
+                    printable(row.get(video_field) or ""),
+                    EXTRA_FIELDS,
+                    f"{len(fields)} fields where the header has {len(header)}: a comma inside an unquoted field "
+                    f"splits it (the {summary_field} would be cut to {cut!r}); put the field in double quotes",
+                )
+            )
+            continue
+        records.append(RawRecord(source, row.get(video_field), row.get(summary_field)))
+    return records, rejected
+
+
+def read_annotation_file(
+    path: Path, video_key: str | None = None, summary_key: str | None = None
+) -> tuple[list[RawRecord], list[Rejection]]:
+    """Records of a CSV (with a header row), a JSON list of objects or a JSONL file, and the CSV rows rejected
+    while reading (extra fields)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, video_key, summary_key)
+    rows: list[tuple[str, dict]] = []
+    if suffix == ".jsonl":
+        for line_number, line in enumerate(_read_annotation_text(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path.name}:{line_number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise PrepareError(f"{path}:{line_number}: not valid JSON ({error}); fix that line") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(_read_annotation_text(path))
+        except json.JSONDecodeError as error:
+            raise PrepareError(f"{path}: not valid JSON ({error}); fix the file or convert it to CSV") from None
+        if not isinstance(data, list):
+            raise PrepareError(f"{path}: a JSON annotation file must hold a list of records")
+        rows = [(f"{path.name}[{index}]", row) for index, row in enumerate(data)]
+    else:
+        raise PrepareError(f"{path}: unsupported annotation format; use {', '.join(ANNOTATION_SUFFIXES)}")
     for source, row in rows:
         if not isinstance(row, dict):
             raise PrepareError(f"{source}: a record must be an object with a video path and a summary")
-    if suffix != ".csv":
-        keys = list(dict.fromkeys(key for _, row in rows for key in row))
     if not rows:
         raise PrepareError(f"{path}: holds no records")
+    keys = list(dict.fromkeys(key for _, row in rows for key in row))
     video_field = _pick_key(keys, video_key, VIDEO_KEY_ALIASES, "video", path)
     summary_field = _pick_key(keys, summary_key, SUMMARY_KEY_ALIASES, "summary", path)
-    return [RawRecord(source, _text(row.get(video_field)), _text(row.get(summary_field))) for source, row in rows]
+    return [RawRecord(source, _text(row.get(video_field)), _text(row.get(summary_field))) for source, row in rows], []
 
 
 def scan_video_folder(folder: Path) -> tuple[list[RawRecord], list[Rejection]]:
@@ -239,7 +406,8 @@ def scan_video_folder(folder: Path) -> tuple[list[RawRecord], list[Rejection]]:
         relative = video.relative_to(folder).as_posix()
         summary_file = video.with_suffix(".txt")
         if summary_file.is_file():
-            records.append(RawRecord(relative, relative, summary_file.read_text(encoding="utf-8", errors="replace")))
+            summary = _decode(_read_bytes(summary_file))
+            records.append(RawRecord(relative, relative, summary, summary_file.relative_to(folder).as_posix()))
         else:
             rejected.append(Rejection(relative, relative, MISSING_SUMMARY_FILE, f"no {summary_file.name} beside it"))
     for text_file in files:
@@ -255,7 +423,7 @@ def read_input(
     """The raw records, the records already rejected while reading, and the folder relative video paths start
     from."""
     if input_path.is_file():
-        return read_annotation_file(input_path, video_key, summary_key), [], input_path.parent
+        return *read_annotation_file(input_path, video_key, summary_key), input_path.parent
     if not input_path.is_dir():
         raise PrepareError(f"input {input_path} does not exist")
     annotation_files = [input_path / name for name in ANNOTATION_FILE_NAMES if (input_path / name).is_file()]
@@ -265,7 +433,7 @@ def read_input(
             "pass the one to use with --input"
         )
     if annotation_files:
-        return read_annotation_file(annotation_files[0], video_key, summary_key), [], input_path
+        return *read_annotation_file(annotation_files[0], video_key, summary_key), input_path
     records, rejected = scan_video_folder(input_path)
     if not records and not rejected:
         raise PrepareError(
@@ -291,6 +459,19 @@ def relative_to_root(root: Path, video: str) -> str | None:
     return relative + "/" if is_frame_folder(target) else relative
 
 
+def _text_problem(field_name: str, value: str, fix: str) -> tuple[str, str] | None:
+    """(reason, detail) when ``value`` is not clean text. One rule for every input format: bytes that are not UTF-8
+    are refused, never repaired by a guess, and so is a NUL character, which no summary holds on purpose."""
+    undecodable = _UNDECODABLE.search(value)
+    if undecodable:
+        byte = ord(undecodable.group()) - 0xDC00
+        before = printable(value[: undecodable.start()][-20:])
+        return NOT_UTF8, f"the {field_name} is not UTF-8 text (byte 0x{byte:02x} after {before!r}); {fix}"
+    if "\x00" in value:
+        return NUL_CHARACTER, f"the {field_name} holds a NUL character (at character {value.index(chr(0))}); remove it"
+    return None
+
+
 class _Validator:
     """Checks records one by one, remembering decoded videos and the (video, summary) pairs already seen."""
 
@@ -302,12 +483,21 @@ class _Validator:
 
     def check(self, record: RawRecord) -> ValidRecord | Rejection:
         def reject(reason: str, detail: str) -> Rejection:
-            return Rejection(record.source, record.video, reason, detail)
+            video = printable(record.video) if isinstance(record.video, str) else record.video
+            return Rejection(record.source, video, reason, detail)
 
         for field_name, value in (("video path", record.video), ("summary", record.summary)):
             if value is not None and not isinstance(value, str):
                 kind = {dict: "an object", list: "a list", bool: "a boolean"}.get(type(value), type(value).__name__)
                 return reject(NOT_TEXT, f"the {field_name} is {kind}, not text")
+        path_fix = "give the video a UTF-8 name" if record.summary_file else "save the file as UTF-8"
+        for field_name, value, fix in (
+            ("video path", record.video, path_fix),
+            ("summary", record.summary, f"save {record.summary_file or 'the file'} as UTF-8"),
+        ):
+            problem = _text_problem(field_name, value or "", fix)
+            if problem:
+                return reject(*problem)
         video = (record.video or "").strip()
         summary = (record.summary or "").strip()
         if not video:
@@ -385,16 +575,16 @@ def _frames_folder_name(relative_video: str) -> str:
     return (path.parent / path.name.replace(".", "_")).as_posix()
 
 
-def extract_frames(record: ValidRecord, video_root: Path, output_dir: Path, num_frames: int, backend: str) -> str:
-    """Decode ``num_frames`` frames (segment middles) into ``frames/<video>/<name>_<frame index>.jpg``; returns the
-    folder relative to ``output_dir``, ending in ``/`` (the official frame-folder convention)."""
-    folder = Path(FRAMES_DIR) / _frames_folder_name(record.video)
+def extract_frames(record: ValidRecord, video_root: Path, folder: Path, num_frames: int, backend: str) -> None:
+    """Decode ``num_frames`` frames (segment middles) into ``folder/<folder name>_<frame index>.jpg``."""
     indices = get_frame_indices(min(num_frames, record.info.num_frames), record.info.num_frames, "middle")
-    frames = read_frames_at(os.path.join(video_root, record.video), indices, backend=backend)
-    with atomic_directory(output_dir / folder) as tmp_dir:
-        for index, frame in zip(indices, frames):
-            frame.save(tmp_dir / f"{folder.name}_{index:06d}.jpg", quality=95)
-    return folder.as_posix() + "/"
+    try:
+        frames = read_frames_at(os.path.join(video_root, record.video), indices, backend=backend)
+    except VideoDecodeError as error:
+        raise PrepareError(f"{record.source}: extracting frames failed: {error}; nothing was changed") from None
+    folder.mkdir(parents=True)
+    for index, frame in zip(indices, frames):
+        frame.save(folder / f"{folder.name}_{index:06d}.jpg", quality=95)
 
 
 def _round(value: float | None) -> float | None:
@@ -416,6 +606,7 @@ def _record_json(
     entry.update(
         duration=_round(record.info.duration),
         decoded_frames=record.info.num_frames,
+        decoder=record.info.decoder,  # decoders disagree on damaged files: the count holds for this one
         fps=_round(record.info.fps),
         width=record.info.width,
         height=record.info.height,
@@ -443,6 +634,95 @@ def _path_for_meta(path: Path, output_dir: Path, absolute: bool) -> str:
         return os.path.abspath(path)
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an output folder that cannot be written before any video is decoded."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"cannot be created: {existing} is a file"
+        raise PrepareError(f"output folder {output_dir} {where}; pass another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrepareError(f"output folder {output_dir}: {existing} is not writable; pass another --output-dir")
+
+
+def _write_error(error: OSError, output_dir: Path) -> PrepareError:
+    """One line for a disk that is full, read-only or otherwise failing while writing."""
+    where = error.filename or output_dir
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or pass another --output-dir"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "the folder is not writable: pass another --output-dir"
+    else:
+        fix = "check that disk, or pass another --output-dir"
+    reason = error.strerror or type(error).__name__
+    return PrepareError(f"cannot write {where}: {reason}; {fix}. The previous outputs in {output_dir} are unchanged")
+
+
+def estimated_tokens(text: str) -> int:
+    return -(-len(text.encode("utf-8", "surrogateescape")) // UTF8_BYTES_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class LongSummary:
+    """A summary that leaves no room for the fewest frames training draws: such a sample can never be built."""
+
+    source: str
+    characters: int
+    tokens: int  # estimated
+    budget: int  # estimated tokens left for the summary
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source}: the summary is about {self.tokens:,} tokens ({self.characters:,} characters), more than "
+            f"the about {self.budget:,} a sample has room for; training cannot use this record and will skip it: "
+            "shorten the summary, or raise max_seq_length (--max_seq_length in training, --max-seq-length here)"
+        )
+
+
+def find_long_summaries(
+    records: list[ValidRecord], max_seq_length: int, prompt: str, system_prompt: str | None
+) -> tuple[int, list[LongSummary]]:
+    """The token budget of a summary and the records over it.
+
+    A training sample holds the system message, the prompt, at least ``min_num_frame`` frames (training's default)
+    and the summary, in ``max_seq_length`` tokens; tokens are estimated from UTF-8 bytes (``UTF8_BYTES_PER_TOKEN``).
+    """
+    defaults = SampleOptions()
+    system = system_prompt if system_prompt is not None else get_conv_template(defaults.template_name).system_message
+    frames = defaults.min_num_frame * video_frame_token_estimate(defaults.num_image_token)
+    budget = max_seq_length - frames - estimated_tokens(system + prompt)
+    long = [
+        LongSummary(record.source, len(record.summary), estimated_tokens(record.summary), budget)
+        for record in records
+        if estimated_tokens(record.summary) > budget
+    ]
+    return budget, long
+
+
+def _remove_old_outputs(output_dir: Path, current: str) -> None:
+    """Other versions, and what killed runs left (staging folders, temporary meta files). Runs under the lock, so
+    none of it belongs to a running prepare; what cannot be removed now, the next run removes."""
+    for entry in output_dir.iterdir():
+        name = entry.name
+        leftover = name.startswith((f".{VERSION_PREFIX}", f".{META_FILE}.")) and name.endswith((".tmp", ".old"))
+        old_version = _VERSION_FOLDER.fullmatch(name) is not None and name != current
+        if not (leftover or old_version):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _holds(folder: Path, files: dict[str, str]) -> bool:
+    """Whether ``folder`` already holds ``files`` (a rerun on the same input): it is then kept as it is."""
+    return all(
+        (folder / name).is_file() and (folder / name).read_bytes() == text.encode() for name, text in files.items()
+    )
+
+
 def prepare_dataset(
     input_path: str | os.PathLike = DEFAULT_INPUT,
     output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
@@ -459,11 +739,13 @@ def prepare_dataset(
     num_frames: int = 32,
     absolute_root: bool = False,
     video_backend: str = "pyav",
+    max_seq_length: int = SampleOptions.max_seq_length,
     progress: bool = True,
 ) -> PrepareReport:
-    """Validate the input, split it and write ``meta.json``, the train/val JSONL files and the rejects file.
+    """Validate the input, split it and publish ``meta.json`` with its version folder (see the module docstring).
 
-    Raises ``PrepareError`` for unusable input, for any bad record under ``strict``, or when nothing is left.
+    Raises ``PrepareError`` for unusable input, for any bad record under ``strict``, when nothing is left, and when
+    the output cannot be written; the previous outputs are then unchanged.
     """
     if not 0 <= val_ratio < 1:
         raise PrepareError(f"--val-ratio must be in [0, 1), got {val_ratio}")
@@ -472,8 +754,7 @@ def prepare_dataset(
     if extract and num_frames < 1:
         raise PrepareError(f"--num-frames must be at least 1, got {num_frames}")
     input_path, output_dir = Path(input_path), Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise PrepareError(f"output folder {output_dir} is a file; pass another --output-dir")
+    _check_output_dir(output_dir)
     raw_records, rejected, default_root = read_input(input_path, video_key, summary_key)
     root = Path(video_root) if video_root is not None else default_root
     if not root.is_dir():
@@ -487,7 +768,7 @@ def prepare_dataset(
         raise PrepareError(f"no usable record in {input_path}: all {len(rejected)} were rejected", rejected)
 
     train, val = split_by_video(kept, val_ratio, seed)
-    report = PrepareReport(output_dir=output_dir, kept=kept, rejected=rejected)
+    report = PrepareReport(output_dir=output_dir, kept=kept, rejected=rejected, val_ratio=val_ratio)
     report.short_videos = sorted(
         {
             (record.video, record.info.num_frames, record.info.announced_frames)
@@ -495,36 +776,56 @@ def prepare_dataset(
             if record.info.announced_frames and record.info.num_frames < record.info.announced_frames
         }
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    report.summary_budget, report.long_summaries = find_long_summaries(kept, max_seq_length, prompt, system_prompt)
 
-    frame_folders: dict[str, str] = {}
-    if extract:
-        unique = {record.real_path: record for record in kept}
-        for record in tqdm(list(unique.values()), desc="extracting frames", unit="video", disable=not progress):
-            frame_folders[record.real_path] = extract_frames(record, root, output_dir, num_frames, video_backend)
-    data_root = output_dir if extract else root
-
-    files: dict[str, str] = {REJECTS_FILE: "".join(rejection.to_json() + "\n" for rejection in rejected)}
-    meta: dict[str, MetaEntry] = {}
-    for name, records in ((TRAIN_NAME, train), (VAL_NAME, val)):
+    # The version folder's files; their paths are relative to it or to the video root, never naming the version.
+    frame_folders = {record.real_path: Path(FRAMES_DIR) / _frames_folder_name(record.video) for record in kept}
+    files = {REJECTS_FILE: "".join(rejection.to_json() + "\n" for rejection in rejected)}
+    splits = {name: records for name, records in ((TRAIN_NAME, train), (VAL_NAME, val)) if records}
+    for name, records in splits.items():
         ids = _record_ids(records)
         lines = []
         for position, record in enumerate(records):
-            video = frame_folders.get(record.real_path, record.video)
+            video = frame_folders[record.real_path].as_posix() + "/" if extract else record.video
             extracted = min(num_frames, record.info.num_frames) if extract else None
             lines.append(_record_json(record, ids[position], video, prompt, system_prompt, extracted) + "\n")
-        annotation = f"{name}.jsonl"
-        files[annotation] = "".join(lines)
-        meta[name] = MetaEntry(
-            root=_path_for_meta(data_root, output_dir, absolute_root),
-            annotation=os.path.abspath(output_dir / annotation) if absolute_root else annotation,
+        files[f"{name}.jsonl"] = "".join(lines)
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    version = VERSION_PREFIX + digest[:12]
+    version_dir = output_dir / version
+
+    # An empty split gets no entry: the launcher switches evaluation on for a "_val" entry.
+    meta = {
+        name: MetaEntry(
+            root=_path_for_meta(version_dir if extract else root, output_dir, absolute_root),
+            annotation=_path_for_meta(version_dir / f"{name}.jsonl", output_dir, absolute_root),
             length=len(records),
             max_dynamic_patch=1,
         )
-    for file_name, text in files.items():
-        atomic_write_text(output_dir / file_name, text)
-    write_meta(output_dir / META_FILE, meta)  # last: it only ever points at complete files
+        for name, records in splits.items()
+    }
+    try:
+        with exclusive_lock(output_dir / LOCK_FILE):
+            if not _holds(version_dir, files):
+                with atomic_directory(version_dir) as staging:
+                    unique = {record.real_path: record for record in kept} if extract else {}
+                    for real_path, record in tqdm(
+                        unique.items(), desc="extracting frames", unit="video", disable=not progress
+                    ):
+                        extract_frames(record, root, staging / frame_folders[real_path], num_frames, video_backend)
+                    for file_name, text in files.items():
+                        atomic_write_text(staging / file_name, text)
+            # The switch: meta.json, replaced in one rename, names the new complete set.
+            write_meta(output_dir / META_FILE, meta)
+            _remove_old_outputs(output_dir, version)
+    except LockHeldError:
+        raise PrepareError(
+            f"another prepare run is writing to {output_dir}; wait for it to finish, or pass another --output-dir"
+        ) from None
+    except OSError as error:
+        raise _write_error(error, output_dir) from None
 
+    report.version_dir = version_dir
     report.train_records, report.val_records = len(train), len(val)
     report.train_videos = len({record.real_path for record in train})
     report.val_videos = len({record.real_path for record in val})

@@ -6,12 +6,12 @@ Each line of an annotation file is an object::
      "conversations": [{"from": "system", "value": "..."},        # optional, first turn only
                        {"from": "human", "value": "<video>\\nSummarize the video."},
                        {"from": "gpt", "value": "A red circle moves from left to right."}],
-     "decoded_frames": 96, "fps": 24.0, "clip": [2.0, 6.5], "length": 4500}
+     "decoded_frames": 96, "decoder": "pyav", "fps": 24.0, "clip": [2.0, 6.5], "length": 4500}
 
 with ``image`` (one path or a list of paths) instead of ``video`` for images, and neither for text. ``video`` is a
-file, a GIF or a frame folder (ending in ``/``); ``decoded_frames`` and ``fps`` are what ``prepare`` measured,
-``clip`` a ``[start_s, end_s]`` range to sample in, ``length`` a token count for length-grouped batching. Other keys
-are allowed and ignored.
+file, a GIF or a frame folder (ending in ``/``); ``decoded_frames`` and ``fps`` are what ``prepare`` measured
+(``decoder``: what counted the frames, as decoders disagree on damaged files), ``clip`` a ``[start_s, end_s]`` range
+to sample in, ``length`` a token count for length-grouped batching. Other keys are allowed and ignored.
 
 ``parse_record`` turns one such object into a ``Record`` or raises ``RecordError`` naming ``file:line`` and why;
 ``read_records`` does it for a whole file. Training, the setup check and evaluation all read records through
@@ -68,6 +68,7 @@ class Record:
     id: str | None = None
     length: int | None = None  # token count given by the record, for length-grouped batching
     decoded_frames: int | None = None  # frames that decode, as measured by prepare
+    decoder: str | None = None  # what counted them (see internvl.data.video.recorded_frame_count)
     fps: float | None = None
     clip: tuple[float, float] | None = None  # (start_s, end_s): sample inside this range only
 
@@ -139,13 +140,15 @@ def parse_record(raw: Any, path: str | os.PathLike, line: int) -> Record:
         raise error("a record has either 'image' or 'video', not both")
 
     record_id, length, fps, clip = raw.get("id"), raw.get("length"), raw.get("fps"), raw.get("clip")
-    decoded_frames = raw.get("decoded_frames")
+    decoded_frames, decoder = raw.get("decoded_frames"), raw.get("decoder")
     if record_id is not None and not (isinstance(record_id, (str, int)) and not isinstance(record_id, bool)):
         raise error(f"'id' must be a string or an integer, got {record_id!r}")
     if length is not None and not _is_count(length, 0):
         raise error(f"'length' must be a token count (an integer >= 0), got {length!r}")
     if decoded_frames is not None and not _is_count(decoded_frames, 1):
         raise error(f"'decoded_frames' must be a positive integer, got {decoded_frames!r}")
+    if decoder is not None and not isinstance(decoder, str):
+        raise error(f"'decoder' must be the name of a video decoder, got {decoder!r}")
     if fps is not None and not (_is_number(fps) and fps > 0):
         raise error(f"'fps' must be a positive number, got {fps!r}")
     if clip is not None:
@@ -161,6 +164,7 @@ def parse_record(raw: Any, path: str | os.PathLike, line: int) -> Record:
         id=None if record_id is None else str(record_id),
         length=length,
         decoded_frames=decoded_frames,
+        decoder=decoder,
         fps=None if fps is None else float(fps),
         clip=None if clip is None else (float(clip[0]), float(clip[1])),
     )

@@ -11,6 +11,8 @@ Containers often announce more frames than they hold (a header saying 444 frames
 common in real collections), so counts here are what actually decodes: ``probe_video`` decodes the whole file,
 and readers use the decoded count recorded by ``prepare`` (``num_decoded_frames``) when they are given one.
 Damaged packets are skipped as FFmpeg's own tools do, so a file with a bad stretch keeps the frames around it.
+Decoders disagree on damaged files (PyAV skips a bad packet, decord and OpenCV stop at it, or conceal it as one
+more frame), so a count holds only for the decoder that made it: ``recorded_frame_count`` says when one applies.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class VideoInfo:
     fps: float | None
     width: int
     height: int
+    decoder: str  # what counted the frames (see ``frame_decoder``)
     announced_frames: int | None = None  # the container's claim, for reporting only
 
     @property
@@ -97,6 +100,24 @@ def get_frame_indices(
 
 def is_frame_folder(path: str | os.PathLike) -> bool:
     return str(path).endswith(("/", os.sep)) or os.path.isdir(path)
+
+
+def frame_decoder(path: str | os.PathLike, backend: str) -> str:
+    """What reads the frames of ``path`` with ``backend``: Pillow for frame folders and GIFs, else the backend."""
+    return "pillow" if is_frame_folder(path) or str(path).lower().endswith(".gif") else backend
+
+
+def recorded_frame_count(
+    path: str | os.PathLike, backend: str, decoded_frames: int | None, decoder: str | None
+) -> int | None:
+    """The frame count ``prepare`` recorded, when it holds for reading ``path`` with ``backend``; else ``None``
+    (probe the video instead). A frame folder's listing is always the truth; a count made by another decoder does
+    not hold; a count without its decoder (hand-written records) is trusted."""
+    if not decoded_frames or is_frame_folder(path):
+        return None
+    if decoder is not None and decoder != frame_decoder(path, backend):
+        return None
+    return int(decoded_frames)
 
 
 # --- frame sources -----------------------------------------------------------------------------------------------
@@ -238,10 +259,8 @@ def _iter_opencv(path) -> FrameIterator:
 
 
 def _iter_frames(path, backend: str) -> FrameIterator:
-    if is_frame_folder(path):
-        return _iter_frame_folder(path)
-    if str(path).lower().endswith(".gif"):
-        return _iter_gif(path)
+    if frame_decoder(path, backend) == "pillow":
+        return _iter_frame_folder(path) if is_frame_folder(path) else _iter_gif(path)
     if backend == "pyav":
         return _iter_pyav(path)
     if backend == "opencv":
@@ -275,8 +294,8 @@ def _open_decord(path):
 def _check_backend(backend: str, path: str | os.PathLike) -> None:
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of {', '.join(VIDEO_BACKENDS)}")
-    if is_frame_folder(path) or str(path).lower().endswith(".gif"):
-        return  # read with PIL: the backend's package is not needed
+    if frame_decoder(path, backend) == "pillow":
+        return  # the backend's package is not needed
     module = {"pyav": "av", "decord": "decord", "opencv": "cv2"}[backend]
     try:
         __import__(module)
@@ -339,7 +358,14 @@ def probe_video(path: str | os.PathLike, backend: str = "pyav") -> VideoInfo:
     else:
         reader = _open_decord(path)
         fps, announced = reader.get_avg_fps() or None, len(reader)
-    return VideoInfo(num_frames=count, fps=fps, width=width, height=height, announced_frames=announced)
+    return VideoInfo(
+        num_frames=count,
+        fps=fps,
+        width=width,
+        height=height,
+        decoder=frame_decoder(path, backend),
+        announced_frames=announced,
+    )
 
 
 def read_video_frames(
@@ -378,7 +404,7 @@ def read_video_frames(
 def read_frames_at(path: str | os.PathLike, indices: list[int], *, backend: str = "pyav") -> list[Image.Image]:
     """The RGB frames at ``indices`` (0-based, in decoding order; repeats allowed)."""
     _check_backend(backend, path)
-    if backend == "decord" and not is_frame_folder(path) and not str(path).lower().endswith(".gif"):
+    if frame_decoder(path, backend) == "decord":
         # decord reads by index directly instead of decoding up to the last wanted frame.
         reader = _open_decord(path)
         try:
@@ -391,7 +417,8 @@ def read_frames_at(path: str | os.PathLike, indices: list[int], *, backend: str 
     missing = sorted(set(indices) - kept.keys())
     if missing:
         raise VideoDecodeError(
-            f"{path}: only {count} frames decode but frame {missing[0]} was requested; the file changed since it was "
-            "prepared, run the prepare script again"
+            f"{path}: only {count} frames decode with {frame_decoder(path, backend)} but frame {missing[0]} was "
+            "requested: the frame count given (decoded_frames from prepare) is larger, so the file changed since it "
+            "was prepared, or it was counted by another decoder or decoder version; run the prepare script again"
         )
     return [kept[i] for i in indices]

@@ -69,7 +69,7 @@ class EvalRecord:
     prompt: str
     reference: str
     system_message: str | None = None
-    video_metadata: dict = field(default_factory=dict)  # decoded_frames, fps, clip (from prepare)
+    video_metadata: dict = field(default_factory=dict)  # decoded_frames, decoder, fps, clip (from prepare)
 
 
 def _eval_record(record: Record | RecordError, root: Path) -> EvalRecord:
@@ -90,7 +90,12 @@ def _eval_record(record: Record | RecordError, root: Path) -> EvalRecord:
             f"{where}: evaluation needs a 'video' (or a single 'image') path per record, got "
             f"{list(record.media)}; text-only and multi-image records cannot be summarized"
         )
-    metadata = {"decoded_frames": record.decoded_frames, "fps": record.fps, "clip": record.clip}
+    metadata = {
+        "decoded_frames": record.decoded_frames,
+        "decoder": record.decoder,
+        "fps": record.fps,
+        "clip": record.clip,
+    }
     return EvalRecord(
         id=record.id or where,
         source=where,

@@ -18,7 +18,7 @@ from PIL import Image
 from internvl.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from internvl.data.prepare import DEFAULT_PROMPT as DEFAULT_VIDEO_PROMPT
 from internvl.data.tiling import build_transform, dynamic_preprocess
-from internvl.data.video import is_frame_folder, probe_video, read_video_frames
+from internvl.data.video import is_frame_folder, probe_video, read_video_frames, recorded_frame_count
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -68,15 +68,18 @@ def load_video(
     image_size: int,
     *,
     decoded_frames: int | None = None,
+    decoder: str | None = None,
     fps: float | None = None,
     clip: tuple[float, float] | None = None,
     backend: str = "pyav",
 ) -> VisualInput:
-    """Up to ``num_frames`` frames at segment middles. ``decoded_frames`` / ``fps`` are the values ``prepare``
-    records; without them (and for frame folders, whose listing is the truth) the video is probed first."""
+    """Up to ``num_frames`` frames at segment middles. ``decoded_frames`` / ``decoder`` / ``fps`` are the values
+    ``prepare`` records; without them (or when they do not hold for ``backend``, see ``recorded_frame_count``) the
+    video is probed first."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-    if decoded_frames is None or is_frame_folder(path):
+    decoded_frames = recorded_frame_count(path, backend, decoded_frames, decoder)
+    if decoded_frames is None:
         info = probe_video(path, backend)
         decoded_frames, fps = info.num_frames, info.fps
     frames = read_video_frames(

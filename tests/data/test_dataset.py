@@ -16,6 +16,7 @@ from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
 from internvl.data import InternVLDataCollator, build_datasets
 from internvl.data.dataset import DatasetHealthError, MetaEntry, load_meta, write_meta
 from internvl.data.prepare import prepare_dataset
+from tests.prepared import annotation_path
 
 SMALL_VIDEO = dict(min_num_frame=2, max_num_frame=4)
 
@@ -48,7 +49,7 @@ def prepared_demo(demo_videos_dir, tmp_path_factory):
 def test_video_samples_and_batch(prepared_demo, tiny_tokenizer):
     train, evaluation = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
     assert (len(train), len(evaluation)) == (4, 2)
-    records = [json.loads(line) for line in (prepared_demo / "video_summary_dataset_train.jsonl").open()]
+    records = [json.loads(line) for line in annotation_path(prepared_demo).open()]
     samples = [train[i] for i in range(len(train))]
     for record, sample in zip(records, samples):
         frames = sample["pixel_values"].shape[0]

@@ -1,5 +1,6 @@
 """scripts/prepare_internvl3_finetuning.py on messy input: rejects with reasons, official output, a leak-free
-deterministic split, byte-identical reruns and atomic writes."""
+deterministic split, byte-identical reruns, outputs published as a set (killed at every step), and one clear line
+for every bad input or environment fault."""
 
 from __future__ import annotations
 
@@ -23,12 +24,7 @@ sys.path.insert(0, str(SCRIPT.parent))
 import prepare_internvl3_finetuning as prepare_cli  # noqa: E402
 
 OFFICIAL_META_KEYS = {"root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "length"}
-OUTPUT_FILES = (
-    "meta.json",
-    "video_summary_dataset_train.jsonl",
-    "video_summary_dataset_val.jsonl",
-    "rejected_records.jsonl",
-)
+VERSION_FILES = ("video_summary_dataset_train.jsonl", "video_summary_dataset_val.jsonl", "rejected_records.jsonl")
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]], header=("video", "summary")) -> Path:
@@ -123,10 +119,27 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _version_dir(output_dir: Path) -> Path:
+    """The one version folder a finished run leaves."""
+    (folder,) = output_dir.glob("prepared-*")
+    return folder
+
+
+def _annotation(output_dir: Path, part: str) -> Path:
+    """The JSONL file meta.json names for the split ``part`` (train / val)."""
+    entry = json.loads((output_dir / "meta.json").read_text())[f"video_summary_dataset_{part}"]
+    return output_dir / entry["annotation"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too), by relative path, with its bytes."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
 def test_cli_rejects_bad_records_with_reasons(cli_run):
     result, output_dir = cli_run
     assert result.returncode == 0, result.stderr
-    rejects = _read_jsonl(output_dir / "rejected_records.jsonl")
+    rejects = _read_jsonl(_version_dir(output_dir) / "rejected_records.jsonl")
     assert {r["source"]: r["reason"] for r in rejects} == {
         f"annotations.csv:{line}": reason for line, reason in EXPECTED_REJECTS.items()
     }
@@ -139,6 +152,7 @@ def test_cli_rejects_bad_records_with_reasons(cli_run):
     for reason in EXPECTED_REJECTS.values():
         assert f"  {reason}: 1" in result.stdout
     assert "videos that decode fewer frames than their container announces: 1 (largest gap: lying.mp4" in result.stdout
+    assert f"(also listed in {_version_dir(output_dir) / 'rejected_records.jsonl'})" in result.stdout
 
 
 def test_cli_writes_official_meta_and_records(cli_run, messy_input):
@@ -148,7 +162,7 @@ def test_cli_writes_official_meta_and_records(cli_run, messy_input):
     records = {}
     for name, entry in meta.items():
         assert set(entry) == OFFICIAL_META_KEYS
-        assert entry["annotation"] == f"{name}.jsonl"
+        assert entry["annotation"] == f"{_version_dir(output_dir).name}/{name}.jsonl"
         assert (entry["data_augment"], entry["max_dynamic_patch"], entry["repeat_time"]) == (False, 1, 1)
         assert (output_dir / entry["root"]).resolve() == messy_input.resolve()
         records[name] = _read_jsonl(output_dir / entry["annotation"])
@@ -193,9 +207,7 @@ def test_prepared_data_feeds_the_dataset_and_the_model(cli_run, tiny_model_dir, 
 
 
 def _split(output_dir: Path) -> tuple[set, set]:
-    return tuple(
-        {r["id"] for r in _read_jsonl(output_dir / f"video_summary_dataset_{part}.jsonl")} for part in ("train", "val")
-    )
+    return tuple({r["id"] for r in _read_jsonl(_annotation(output_dir, part))} for part in ("train", "val"))
 
 
 def test_split_is_deterministic_and_independent_of_input_order(demo_videos_dir, tmp_path):
@@ -216,37 +228,14 @@ def test_split_is_deterministic_and_independent_of_input_order(demo_videos_dir, 
 def test_rerun_is_byte_identical(messy_input, tmp_path):
     output_dir = tmp_path / "out"
     prepare_dataset(messy_input / "annotations.csv", output_dir, progress=False)
-    first = {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES}
+    first = _tree(output_dir)
     prepare_dataset(messy_input / "annotations.csv", output_dir, progress=False)
-    assert {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES} == first
-    assert sorted(os.listdir(output_dir)) == sorted(OUTPUT_FILES)  # no temporary files left behind
-
-
-def test_interrupted_run_leaves_previous_outputs_intact(messy_input, tmp_path, monkeypatch):
-    output_dir = tmp_path / "out"
-    prepare_dataset(messy_input / "annotations.csv", output_dir, progress=False)
-    before = {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES}
-
-    import internvl.data.files as files
-
-    real_replace, calls = os.replace, []
-
-    def replace_then_die(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the second file is fully written to its temporary name, then the run dies
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(files.os, "replace", replace_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(messy_input / "annotations.csv", output_dir, seed=7, val_ratio=0.5, progress=False)
-    monkeypatch.undo()
-    after = {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES}
-    # Every file is either its old self or complete; meta.json (written last) still points at the old split.
-    assert after["meta.json"] == before["meta.json"]
-    for name in OUTPUT_FILES:
-        assert after[name] == before[name] or after[name].endswith(b"\n")
-    assert sorted(os.listdir(output_dir)) == sorted(OUTPUT_FILES)
+    assert _tree(output_dir) == first
+    # meta.json, its version folder and the lock file; no temporary file left behind.
+    version = _version_dir(output_dir).name
+    assert sorted(first) == sorted(
+        ["meta.json", ".prepare.lock", *(f"{version}/{name}" for name in VERSION_FILES)]
+    )
 
 
 def test_strict_mode_fails_and_writes_nothing(messy_input, tmp_path, capsys):
@@ -291,7 +280,7 @@ def test_folder_of_videos_with_txt_summaries(demo_videos_dir, tmp_path):
         ("no_summary.mp4", "missing_summary_file"),
         ("orphan.txt", "video_not_found"),
     }
-    train = _read_jsonl(tmp_path / "out" / "video_summary_dataset_train.jsonl")
+    train = _read_jsonl(_annotation(tmp_path / "out", "train"))
     assert [r["conversations"][1]["value"] for r in train] == ["A shape moves.", "Two shapes move."]
 
 
@@ -385,11 +374,12 @@ def test_extracted_frames_are_an_official_frame_folder(demo_videos_dir, tmp_path
     output_dir = tmp_path / "out"
     prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, extract=True, num_frames=4, progress=False)
     meta = json.loads((output_dir / "meta.json").read_text())
-    assert meta["video_summary_dataset_train"]["root"] == "."
-    record = _read_jsonl(output_dir / "video_summary_dataset_train.jsonl")[0]
+    # The frames are part of the version: the root is its folder.
+    assert meta["video_summary_dataset_train"]["root"] == _version_dir(output_dir).name
+    record = _read_jsonl(_annotation(output_dir, "train"))[0]
     assert record["video"] == f"frames/{Path(record['source_video']).stem}_mp4/"
     assert record["extracted_frames"] == 4 and record["decoded_frames"] == 24
-    frames = sorted(os.listdir(output_dir / record["video"]))
+    frames = sorted(os.listdir(_version_dir(output_dir) / record["video"]))
     # Segment middles of 24 frames in 4 segments, named <folder>_<frame index>.jpg.
     assert frames == [f"{Path(record['source_video']).stem}_mp4_{i:06d}.jpg" for i in (2, 8, 14, 20)]
     train, _ = build_datasets(output_dir / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=8)

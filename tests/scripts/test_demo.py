@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prepared import VAL, annotation_path
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Real multi-process runs through the scripts: minutes each (`pytest -m "not e2e"` leaves them out).
@@ -39,7 +41,7 @@ def test_demo_trains_evaluates_and_merges(tmp_path):
     output_dir = tmp_path / "work_dirs" / "demo_tiny_internvl3_4bit_lora"
     assert (output_dir / "adapter_model.safetensors").stat().st_size > 0
     assert (output_dir / "loss_curves.png").stat().st_size > 0
-    val_records = (tmp_path / "internvl3_data" / "demo" / "video_summary_dataset_val.jsonl").read_text().splitlines()
+    val_records = annotation_path(tmp_path / "internvl3_data" / "demo", VAL).read_text().splitlines()
     evaluation = json.loads((output_dir / "eval" / "metrics.json").read_text())["models"]["model"]
     assert evaluation["num_scored"] == len(val_records) > 0
     assert set(evaluation["scores"]) >= {"rouge1", "rouge2", "rougeL", "bleu4", "cider"}

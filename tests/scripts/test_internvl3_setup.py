@@ -15,6 +15,7 @@ import pytest
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.tools.checks import Status
+from tests.prepared import annotation_path
 from tests.tools.checks.test_settings import LAUNCHER_VARIABLES, REPO, launcher_env
 
 SCRIPT = REPO / "scripts" / "test_internvl3_setup.py"
@@ -77,7 +78,7 @@ def test_truncated_shard(monkeypatch, capsys, setup_copy):
 
 
 def test_missing_video(monkeypatch, capsys, setup_copy):
-    train_file = setup_copy / "data" / "video_summary_dataset_train.jsonl"
+    train_file = annotation_path(setup_copy / "data")
     lines = train_file.read_text().splitlines()
     video = json.loads(lines[1])["video"]
     (setup_copy / "raw" / video).unlink()
@@ -87,7 +88,7 @@ def test_missing_video(monkeypatch, capsys, setup_copy):
 
 
 def test_broken_jsonl_line(monkeypatch, capsys, setup_copy):
-    train_file = setup_copy / "data" / "video_summary_dataset_train.jsonl"
+    train_file = annotation_path(setup_copy / "data")
     lines = train_file.read_text().splitlines()
     lines[2] = lines[2][: len(lines[2]) // 2]  # a line cut in the middle
     train_file.write_text("\n".join(lines) + "\n")
@@ -121,7 +122,7 @@ def test_tokenizer_without_img_context(monkeypatch, capsys, setup_copy):
 
 @pytest.mark.e2e
 def test_cli_process_json_and_exit_code(setup_copy):
-    first_record = (setup_copy / "data" / "video_summary_dataset_train.jsonl").read_text().splitlines()[0]
+    first_record = (annotation_path(setup_copy / "data")).read_text().splitlines()[0]
     video = json.loads(first_record)["video"]
     (setup_copy / "raw" / video).unlink()
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}

@@ -10,13 +10,12 @@ import numpy as np
 from internvl.data import build_datasets
 from internvl.data.records import RecordError
 from internvl.tools.checks import Status, data, model
+from tests.prepared import TRAIN, VAL, annotation_path
 from tests.tools.checks.test_settings import context_for
-
-TRAIN_FILE = "video_summary_dataset_train.jsonl"
 
 
 def test_refused_records_are_the_ones_training_skips(setup_copy, tiny_tokenizer):
-    train_file = setup_copy / "data" / TRAIN_FILE
+    train_file = annotation_path(setup_copy / "data")
     lines = train_file.read_text().splitlines()
     good = json.loads(lines[0])
     late_system = dict(good, conversations=[*good["conversations"], {"from": "system", "value": "Be brief."}])
@@ -50,8 +49,8 @@ def test_the_longest_answer_is_handed_on(good_setup):
     assert all(r.status == Status.OK for r in results), results
     answers = [
         [turn["value"] for turn in json.loads(line)["conversations"] if turn["from"] == "gpt"]
-        for name in (TRAIN_FILE, "video_summary_dataset_val.jsonl")
-        for line in (good_setup / "data" / name).read_text().splitlines()
+        for name in (TRAIN, VAL)
+        for line in annotation_path(good_setup / "data", name).read_text().splitlines()
     ]
     tokens = [sum(len(context.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in record)
               for record in answers]  # fmt: skip
