@@ -8,6 +8,7 @@ import logging
 import re
 
 import av
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
 from internvl.data import InternVLDataCollator, build_datasets
 from internvl.data.dataset import DatasetHealthError, MetaEntry, load_meta, write_meta
 from internvl.data.prepare import prepare_dataset
+from internvl.data.video import VideoDecodeError
 from tests.prepared import annotation_path
 
 SMALL_VIDEO = dict(min_num_frame=2, max_num_frame=4)
@@ -185,6 +187,27 @@ def test_a_refused_record_is_replaced_counted_and_logged(tmp_path, tiny_tokenize
     assert "chat_val.jsonl:1 (unusable record): RecordError:" in caplog.text
     assert "chat_val.jsonl:1: a 'system' turn may only come first" in caplog.text
     assert tiny_tokenizer.decode(sample["input_ids"]).endswith("Yes.<|im_end|>\n")  # the next record instead
+
+
+def test_a_frame_count_made_by_another_decoder_is_not_trusted(tmp_path, demo_videos_dir, tiny_tokenizer):
+    # prepare ran with decord, which on a damaged file can count more frames than PyAV (training's decoder) decodes:
+    # here 30 recorded for a file PyAV decodes 24 of. PyAV counts again instead of drawing frames past the end, which
+    # failed every draw as if the file had changed.
+    (tmp_path / "clip.mp4").write_bytes((demo_videos_dir / "demo_000.mp4").read_bytes())
+    record = {"video": "clip.mp4", "decoded_frames": 30, "fps": 12.0, "conversations": _turns("<video>\nSum.")}
+    by_decord = {**record, "decoder": "decord"}
+    meta = _write_meta(tmp_path, {"clips": [by_decord], "clips_val": [by_decord]})
+    train, evaluation = build_datasets(meta, tiny_tokenizer, min_num_frame=8, max_num_frame=8, image_size=32)
+    assert evaluation[0]["pixel_values"].shape[0] == train[0]["pixel_values"].shape[0] == 8
+    assert train.bad_samples == evaluation.bad_samples == 0
+
+    # Counted by PyAV itself, a count above what decodes means the file changed, and the message says so. (8 segments
+    # of 30 frames: the last one, [26, 30), lies past the 24 that decode.)
+    meta = _write_meta(tmp_path, {"clips": [{**record, "decoder": "pyav"}]})
+    (clips,) = build_datasets(meta, tiny_tokenizer, min_num_frame=8, max_num_frame=8, image_size=32)[0].datasets
+    with pytest.raises(VideoDecodeError, match="only 24 frames decode with pyav but frame 2[6-9] was requested: the "
+                       "frame count given .* is larger, so the file changed since it was prepared"):
+        clips.get_sample(0, np.random.default_rng(0))
 
 
 def test_mostly_bad_dataset_stops_with_a_clear_error(tmp_path, tiny_tokenizer):

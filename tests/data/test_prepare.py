@@ -5,8 +5,10 @@ for every bad input or environment fault."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,7 +123,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _version_dir(output_dir: Path) -> Path:
     """The one version folder a finished run leaves."""
-    (folder,) = output_dir.glob("prepared-*")
+    (folder,) = (path for path in output_dir.iterdir() if re.fullmatch("prepared-[0-9a-f]{12}", path.name))
     return folder
 
 
@@ -238,6 +240,233 @@ def test_rerun_is_byte_identical(messy_input, tmp_path):
     )
 
 
+# -- Publishing: the outputs change as a set -------------------------------------------------------------------------
+
+# File-system calls that change what is on disk: a kill can come between any two of them.
+DISK_CHANGES = ("mkdir", "replace", "rename", "unlink", "rmdir", "fsync")
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it (it is not an Exception)."""
+
+
+def _run_killed_at(step: int, output_dir: Path, snapshot: Path, run) -> bool:
+    """Run ``run()`` until just before its ``step``-th disk change, copy ``output_dir`` to ``snapshot`` as a kill at
+    that moment leaves it (before any cleanup code could run), and stop the run. False if ``run`` finished first."""
+    calls = 0
+    with pytest.MonkeyPatch.context() as patch:
+
+        def counted(name, real):
+            def call(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                if calls == step:
+                    patch.undo()
+                    if output_dir.exists():
+                        shutil.copytree(output_dir, snapshot, symlinks=True)
+                    raise _Killed
+                return real(*args, **kwargs)
+
+            return call
+
+        for name in DISK_CHANGES:
+            patch.setattr(os, name, counted(name, getattr(os, name)))
+        try:
+            run()
+        except _Killed:
+            return True
+    return False
+
+
+def _published(output_dir: Path) -> dict[str, bytes] | None:
+    """What meta.json names, read through it: meta.json itself and every file (frames too) under the roots and
+    annotations it points into the output folder; None without a meta.json. Fails on a dangling name."""
+    meta_path = output_dir / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    published = {"meta.json": meta_path.read_bytes()}
+    for entry in meta.values():
+        annotation = output_dir / entry["annotation"]
+        records = _read_jsonl(annotation)
+        assert entry["length"] == len(records)
+        published[entry["annotation"]] = annotation.read_bytes()
+        for record in records:
+            media = output_dir / entry["root"] / record["video"]
+            assert media.exists(), f"meta.json names {media}, which is missing"
+            if media.is_dir():
+                published.update({str(path.relative_to(output_dir)): path.read_bytes() for path in media.iterdir()})
+    return published
+
+
+@pytest.mark.parametrize("extract", [False, True], ids=["videos", "extracted-frames"])
+@pytest.mark.parametrize("previous_run", [True, False], ids=["over-a-previous-run", "first-run"])
+def test_a_kill_at_any_step_leaves_a_complete_set(demo_videos_dir, tmp_path, previous_run, extract):
+    rows = list(csv.reader(open(demo_videos_dir / "annotations.csv")))[1:4]  # 3 videos keep the steps few
+    annotations = _write_csv(tmp_path / "annotations.csv", rows)
+    options = dict(video_root=demo_videos_dir, extract=extract, num_frames=2, progress=False)
+    output_dir, previous_dir = tmp_path / "out", tmp_path / "previous"
+
+    def new():  # another split and another prompt: every file of the set changes
+        prepare_dataset(annotations, output_dir, val_ratio=0.34, seed=5, prompt="Describe the video.", **options)
+
+    # The two complete sets, and the folder as a finished new run leaves it.
+    prepare_dataset(annotations, previous_dir, val_ratio=0.5, seed=0, **options)
+    old_set = _published(previous_dir)
+    new()
+    new_set, finished = _published(output_dir), _tree(output_dir)
+    assert old_set["meta.json"] != new_set["meta.json"]
+
+    kills = 0
+    for step in range(1, 100):
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if previous_run:
+            shutil.copytree(previous_dir, output_dir)
+        snapshot = tmp_path / f"killed-{step}"
+        if not _run_killed_at(step, output_dir, snapshot, new):
+            break
+        kills += 1
+        killed = _published(snapshot) if snapshot.exists() else None
+        allowed = [old_set, new_set] if previous_run else [None, new_set]
+        assert killed in allowed, f"killed before disk change {step}: meta.json names a mixed or partial set"
+        # The next run over what the kill left finishes as a clean run does: leftovers are removed.
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if snapshot.exists():
+            shutil.move(snapshot, output_dir)
+        new()
+        assert _tree(output_dir) == finished, f"rerun after a kill before disk change {step}"
+    assert kills >= 15, kills  # the run has that many steps: the kills really came between them
+
+
+def test_older_versions_and_leftovers_are_removed_and_nothing_else(demo_videos_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    (output_dir / "raw").mkdir(parents=True)  # the default layout keeps the input videos inside the output folder
+    (output_dir / "raw" / "clip.mp4").write_bytes(b"user data")
+    (output_dir / "notes.txt").write_text("user notes")
+    (output_dir / "prepared-by-hand").mkdir()
+    prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, seed=0, progress=False)
+    first = _version_dir(output_dir).name
+    (output_dir / f".{first}.abc123.tmp").mkdir()  # what a killed run leaves: a staging folder, a meta.json temp
+    (output_dir / ".meta.json.xyz789.tmp").write_text("{")
+    report = prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, seed=1, val_ratio=0.5, progress=False)
+    assert report.version_dir.name != first
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(
+        [".prepare.lock", "meta.json", "notes.txt", "prepared-by-hand", "raw", report.version_dir.name]
+    )
+    assert (output_dir / "raw" / "clip.mp4").read_bytes() == b"user data"
+
+
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(demo_videos_dir, tmp_path):
+    from internvl.data.files import exclusive_lock
+
+    output_dir = tmp_path / "out"
+    prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, progress=False)
+    before = _tree(output_dir)
+    with exclusive_lock(output_dir / ".prepare.lock"):
+        with pytest.raises(PrepareError, match=r"another prepare run is writing to .*out; wait for it"):
+            prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, seed=3, progress=False)
+    assert _tree(output_dir) == before
+    prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, seed=3, progress=False)  # released
+
+
+@pytest.mark.parametrize(
+    ("error_number", "message"),
+    [
+        (errno.ENOSPC, "No space left on device; free space on that disk or pass another --output-dir"),
+        (errno.EROFS, "Read-only file system; the folder is not writable: pass another --output-dir"),
+    ],
+)
+def test_a_full_or_read_only_disk_is_one_line_and_changes_nothing(
+    demo_videos_dir, tmp_path, monkeypatch, capsys, error_number, message
+):
+    output_dir = tmp_path / "out"
+    prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, progress=False)
+    before = _tree(output_dir)
+    real_fsync = os.fsync
+    calls = []
+
+    def failing_fsync(fd):  # the disk fails as the second file of the new set is flushed
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(error_number, os.strerror(error_number))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    argv = ["--input", str(demo_videos_dir / "annotations.csv"), "--output-dir", str(output_dir), "--no-progress"]
+    assert prepare_cli.main([*argv, "--seed", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write ")
+    assert message in err and "previous outputs" in err
+    monkeypatch.undo()
+    assert _tree(output_dir) == before  # the old set, and no temporary file
+
+
+def test_an_unwritable_output_folder_is_refused_before_decoding(demo_videos_dir, tmp_path, monkeypatch):
+    import internvl.data.prepare as prepare
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a video was decoded before the output folder was checked")
+
+    monkeypatch.setattr(prepare, "probe_video", no_decoding)
+    (tmp_path / "a_file").write_text("data")
+    with pytest.raises(PrepareError, match=r"output folder .*a_file/data cannot be created: .*a_file is a file"):
+        prepare_dataset(demo_videos_dir / "annotations.csv", tmp_path / "a_file" / "data", progress=False)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    # As root (CI containers) permissions do not stop writes: the check asks access(2), which is what it sees.
+    monkeypatch.setattr(prepare.os, "access", lambda path, mode: Path(path) != read_only)
+    with pytest.raises(PrepareError, match=r"output folder .*read_only/data: .*read_only is not writable"):
+        prepare_dataset(demo_videos_dir / "annotations.csv", read_only / "data", progress=False)
+    assert os.listdir(read_only) == [] and (tmp_path / "a_file").read_text() == "data"
+
+
+def test_an_empty_split_gets_no_meta_entry(demo_videos_dir, tmp_path, capsys):
+    from internvl.data import build_datasets
+    from internvl.train.launch import meta_has_val_split
+
+    argv = ["--input", str(demo_videos_dir / "annotations.csv"), "--no-progress", "--val-ratio", "0"]
+    assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "no_val")]) == 0
+    out = capsys.readouterr().out
+    assert "val: none (--val-ratio 0): meta.json has no video_summary_dataset_val entry" in out
+    meta = json.loads((tmp_path / "no_val" / "meta.json").read_text())
+    assert list(meta) == ["video_summary_dataset_train"] and meta["video_summary_dataset_train"]["length"] == 6
+    assert not (_version_dir(tmp_path / "no_val") / "video_summary_dataset_val.jsonl").exists()
+    # So the launcher does not switch evaluation on, and training builds no evaluation set.
+    assert not meta_has_val_split(tmp_path / "no_val" / "meta.json")
+
+    one_video = _write_csv(tmp_path / "one.csv", [("demo_000.mp4", "A shape moves."), ("demo_000.mp4", "It moves.")])
+    report = prepare_dataset(one_video, tmp_path / "one", video_root=demo_videos_dir, val_ratio=0.5, progress=False)
+    assert list(json.loads((tmp_path / "one" / "meta.json").read_text())) == ["video_summary_dataset_train"]
+    assert "val: none (a single video cannot be split)" in "\n".join(report.summary_lines())
+
+
+def test_summaries_too_long_for_any_sample_are_warned_about(demo_videos_dir, tmp_path, capsys):
+    csv_path = _write_csv(
+        tmp_path / "long.csv",
+        [
+            ("demo_000.mp4", "A shape moves. " * 6700),  # 100,499 characters once stripped: about 25,000 tokens
+            ("demo_001.mp4", "Two shapes move across the frame. " * 60),  # 2,040 characters: a long, usable one
+            ("demo_002.mp4", "A shape moves."),
+        ],
+    )
+    argv = ["--input", str(csv_path), "--video-root", str(demo_videos_dir), "--no-progress", "--val-ratio", "0"]
+    assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    # 8192 tokens - 8 frames x 264 - the system message and the prompt: about 6,000 left for the summary.
+    warnings = [line for line in out.splitlines() if line.startswith("warning ")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning long.csv:2: the summary is about 25,125 tokens (100,499 characters), more than the about 6,0"
+    )
+    assert "training cannot use this record and will skip it: shorten the summary, or raise max_seq_length" in out
+    assert "summaries too long for any training sample: 1 (longest: long.csv:2, about 25,125 tokens" in out
+    assert "kept 3 records" in out  # a warning, not a rejection
+    # The threshold follows the training's sample length.
+    report = prepare_dataset(
+        csv_path, tmp_path / "short", video_root=demo_videos_dir, max_seq_length=2560, val_ratio=0, progress=False
+    )
+    assert [long.source for long in report.long_summaries] == ["long.csv:2", "long.csv:3"]
+
+
 def test_strict_mode_fails_and_writes_nothing(messy_input, tmp_path, capsys):
     output_dir = tmp_path / "out"
     code = prepare_cli.main(
@@ -348,6 +577,152 @@ def test_unusable_input_is_an_error_naming_the_place(demo_videos_dir, tmp_path):
     with pytest.raises(PrepareError, match="output folder .*taken is a file"):
         prepare_dataset(tmp_path / "lines.jsonl", tmp_path / "taken", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# -- Input that would lose or mangle data ----------------------------------------------------------------------------
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_an_unquoted_comma_rejects_the_row_naming_its_line(demo_videos_dir, tmp_path, capsys):
+    csv_path = _write_bytes(
+        tmp_path / "annotations.csv",
+        b"video,summary\n"
+        b"demo_000.mp4,A man walks in, then sits\n"
+        b'demo_001.mp4,"A man walks in, then sits"\n'
+        b"demo_002.mp4,A shape moves.,\n",  # a trailing empty field (spreadsheet export) loses nothing
+    )
+    argv = ["--input", str(csv_path), "--video-root", str(demo_videos_dir), "--no-progress", "--val-ratio", "0"]
+    assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "rejected annotations.csv:2: extra_fields: 3 fields where the header has 2: a comma inside an unquoted field "
+        "splits it (the summary would be cut to 'A man walks in'); put the field in double quotes"
+    ) in out
+    assert "rejected 1 records\n  extra_fields: 1" in out
+    train = _read_jsonl(_annotation(tmp_path / "out", "train"))
+    assert [r["conversations"][1]["value"] for r in train] == ["A man walks in, then sits", "A shape moves."]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # An opening quote never closed: every later row would be one summary.
+        (
+            b'video,summary\ndemo_000.mp4,A shape moves.\ndemo_001.mp4,"Two shapes\ndemo_002.mp4,A shape moves.\n',
+            r"annotations.csv:3: a quoted field opens on this line and is never closed, so lines 3-4 would be one "
+            r'field; close the quote \(a quote inside a field is written as two \(""\)\)',
+        ),
+        # Closed only rows later: the rows between become text of the summary.
+        (
+            b'video,summary\ndemo_000.mp4,"A shape\ndemo_001.mp4,Two shapes."\ndemo_002.mp4,A shape moves.\n',
+            r"annotations.csv:2: a quoted field opens on this line and runs to line 3, taking in line 3 "
+            r"\('demo_001.mp4,Two shapes.'\) as text; close the quote where the field ends",
+        ),
+        # Runs into the next quoted field, which then looks like a quote in the middle of a field.
+        (
+            b'video,summary\ndemo_000.mp4,"A shape\ndemo_001.mp4,"Two shapes."\n',
+            r"annotations.csv:2: a quoted field opens on this line and runs to line 3, where a quote ends it in the "
+            r"middle; close the quote on line 2",
+        ),
+        (
+            b'video,summary\ndemo_000.mp4,"He said "hi" twice"\n',
+            r"annotations.csv:2: a quote ends a quoted field in the middle .*; a quote inside a field is written as "
+            r'two \(""\)',
+        ),
+        (b"video;summary\ndemo_000.mp4;A shape moves.\n", r"the file is semicolon-separated, and CSV input must be"),
+        (b"video\tsummary\ndemo_000.mp4\tA shape moves.\n", r"the file is tab-separated, and CSV input must be comma"),
+        (b"\xff\xfev\x00i\x00d\x00e\x00o\x00", r"annotations.csv: UTF-16 text; save it as UTF-8"),
+    ],
+    ids=["never-closed", "closed-rows-later", "into-the-next-quote", "unescaped-quote", "semicolons", "tabs", "utf16"],
+)
+def test_a_csv_that_would_merge_or_cut_records_is_refused_naming_the_line(
+    demo_videos_dir, tmp_path, capsys, data, message
+):
+    csv_path = _write_bytes(tmp_path / "annotations.csv", data)
+    argv = ["--input", str(csv_path), "--video-root", str(demo_videos_dir), "--no-progress"]
+    assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_multi_line_summary_in_quotes_is_fine(demo_videos_dir, tmp_path):
+    csv_path = _write_bytes(
+        tmp_path / "annotations.csv",
+        b'video,summary\ndemo_000.mp4,"A shape moves.\nThen it stops."\ndemo_001.mp4,Two shapes move.\n',
+    )
+    report = prepare_dataset(csv_path, tmp_path / "out", video_root=demo_videos_dir, val_ratio=0, progress=False)
+    assert [(r.source, r.summary) for r in report.kept] == [
+        ("annotations.csv:2", "A shape moves.\nThen it stops."),
+        ("annotations.csv:4", "Two shapes move."),
+    ]
+
+
+def test_a_csv_field_over_128_kib_is_read(demo_videos_dir, tmp_path):
+    summary = "A shape moves across the frame. " * 5000  # 160,000 characters, over csv's default field limit
+    csv_path = _write_csv(tmp_path / "annotations.csv", [("demo_000.mp4", summary), ("demo_001.mp4", "Shapes.")])
+    report = prepare_dataset(csv_path, tmp_path / "out", video_root=demo_videos_dir, val_ratio=0, progress=False)
+    assert [r.summary for r in report.kept] == [summary.strip(), "Shapes."]
+    assert [long.source for long in report.long_summaries] == ["annotations.csv:2"]
+    assert csv.field_size_limit() == 128 * 1024  # the process-wide limit is left as it was
+
+
+def test_text_that_is_not_utf8_or_holds_nul_is_rejected_the_same_way_in_every_format(demo_videos_dir, tmp_path):
+    # Folder input: summaries from .txt files.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index, summary in enumerate([b"caf\xe9 scene", b"a NUL\x00 here", "café scene".encode()]):
+        shutil.copy(demo_videos_dir / f"demo_00{index}.mp4", folder / f"clip{index}.mp4")
+        (folder / f"clip{index}.txt").write_bytes(summary)
+    report = prepare_dataset(folder, tmp_path / "out_folder", val_ratio=0, progress=False)
+    folder_rejects = {(r.source, r.reason, r.detail) for r in report.rejected}
+    assert folder_rejects == {
+        ("clip0.mp4", "not_utf8", "the summary is not UTF-8 text (byte 0xe9 after 'caf'); save clip0.txt as UTF-8"),
+        ("clip1.mp4", "nul_character", "the summary holds a NUL character (at character 5); remove it"),
+    }
+    assert [r.summary for r in report.kept] == ["café scene"]
+
+    # CSV and JSONL input: the same records, the same reasons; the other records are kept.
+    rows = [b"demo_000.mp4,caf\xe9 scene", b"demo_001.mp4,a NUL\x00 here", "demo_002.mp4,café scene".encode()]
+    csv_path = _write_bytes(tmp_path / "a.csv", b"video,summary\n" + b"\n".join(rows) + b"\n")
+    jsonl_path = _write_bytes(
+        tmp_path / "a.jsonl",
+        b'{"video": "demo_000.mp4", "summary": "caf\xe9 scene"}\n'
+        b'{"video": "demo_001.mp4", "summary": "a NUL\\u0000 here"}\n'
+        + json.dumps({"video": "demo_002.mp4", "summary": "café scene"}, ensure_ascii=False).encode()
+        + b"\n",
+    )
+    for path in (csv_path, jsonl_path):
+        report = prepare_dataset(path, tmp_path / "out", video_root=demo_videos_dir, val_ratio=0, progress=False)
+        assert [(r.reason, r.detail) for r in report.rejected] == [
+            ("not_utf8", "the summary is not UTF-8 text (byte 0xe9 after 'caf'); save the file as UTF-8"),
+            ("nul_character", "the summary holds a NUL character (at character 5); remove it"),
+        ]
+        assert [r.summary for r in report.kept] == ["café scene"]
+        rejects = (report.version_dir / "rejected_records.jsonl").read_text(encoding="utf-8")
+        assert [r["reason"] for r in map(json.loads, rejects.splitlines())] == ["not_utf8", "nul_character"]
+
+
+def test_frames_counted_by_decord_at_prepare_time_are_recounted_by_the_training_decoder(
+    damaged_video, tmp_path, tiny_tokenizer
+):
+    from internvl.data import build_datasets
+    from internvl.data.video import probe_video
+
+    shutil.copy(damaged_video, tmp_path / "a.mp4")
+    _write_csv(tmp_path / "annotations.csv", [("a.mp4", "Noise flickers.")])
+    prepare_dataset(tmp_path / "annotations.csv", tmp_path / "out", video_backend="decord", progress=False)
+    (record,) = _read_jsonl(_annotation(tmp_path / "out", "train"))
+    decord_count, pyav_count = record["decoded_frames"], probe_video(damaged_video).num_frames
+    assert record["decoder"] == "decord" and decord_count != pyav_count
+    train, _ = build_datasets(tmp_path / "out" / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=4)
+    (clips,) = train.datasets
+    (parsed,) = clips.records
+    assert clips._video_length(parsed, clips.media_path(parsed.video))[0] == pyav_count
 
 
 def test_system_prompt_prompt_and_absolute_root(demo_videos_dir, tmp_path):

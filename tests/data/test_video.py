@@ -18,6 +18,7 @@ from internvl.data.video import (
     get_frame_indices,
     probe_video,
     read_video_frames,
+    recorded_frame_count,
 )
 
 
@@ -214,6 +215,23 @@ def test_optional_backends_decode_the_same_frames_as_pyav(tmp_path, backend):
             probe_video(truncated, backend=backend)
     else:  # OpenCV, like PyAV, counts the frames that really decode
         assert 1 <= probe_video(truncated, backend=backend).num_frames < 48
+
+
+def test_decoders_disagree_on_a_damaged_file_so_a_count_holds_for_its_decoder_only(damaged_video, tmp_path):
+    by_pyav, by_decord = probe_video(damaged_video), probe_video(damaged_video, backend="decord")
+    assert (by_pyav.decoder, by_decord.decoder) == ("pyav", "decord")
+    assert by_pyav.num_frames != by_decord.num_frames
+    count = by_decord.num_frames
+    assert recorded_frame_count(damaged_video, "decord", count, "decord") == count
+    assert recorded_frame_count(damaged_video, "pyav", count, "decord") is None  # probe with PyAV instead
+    assert recorded_frame_count(damaged_video, "pyav", count, None) == count  # hand-written: trusted as before
+    # GIFs and frame folders are read by Pillow whatever the backend; a folder's listing is always the truth.
+    gif = tmp_path / "clip.gif"
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    assert probe_video(gif, backend="decord").decoder == "pillow"
+    assert recorded_frame_count(gif, "opencv", 3, "pillow") == 3
+    assert recorded_frame_count(tmp_path, "pyav", 3, "pyav") is None
 
 
 # --- demo videos --------------------------------------------------------------------------------------------------

@@ -50,6 +50,13 @@ def test_a_short_video_gives_each_frame_once(demo_videos_dir):
     assert visual.num_tiles == 24  # the demo clips have 24 frames; none is repeated to reach 100
 
 
+def test_a_frame_count_made_by_another_decoder_is_recounted(demo_videos_dir):
+    # prepare counted 30 frames with decord (a damaged file can decode differently); PyAV decodes 24 of this one.
+    video = demo_videos_dir / "demo_000.mp4"
+    visual = load_video(video, num_frames=4, image_size=448, decoded_frames=30, decoder="decord")
+    assert torch.allclose(visual.pixel_values, load_video(video, num_frames=4, image_size=448).pixel_values)
+
+
 def test_an_image_gets_dynamic_tiles_and_a_thumbnail(tmp_path, tiny_model_dir):
     from internvl.model import InternVLChatConfig
 
