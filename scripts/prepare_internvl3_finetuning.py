@@ -52,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--video-key", help="annotation field holding the video path (default: video, or an alias)")
     parser.add_argument("--summary-key", help="annotation field holding the summary (default: summary, or an alias)")
     parser.add_argument(
-        "--val-ratio", type=float, default=0.1, help="share of videos for evaluation (default: %(default)s)"
+        "--val-ratio",
+        type=float,
+        default=0.1,
+        help="share of videos for evaluation (default: %(default)s); 0: no evaluation split, and no _val entry in "
+        "meta.json",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default: %(default)s)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction after <video> (default: %(default)r)")
@@ -85,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training's --max_seq_length: summaries too long to fit a sample of this many tokens are warned about "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--min-num-frame",
+        type=int,
+        default=SampleOptions.min_num_frame,
+        help="training's --min_num_frame, the fewest frames a sample holds next to the summary (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             absolute_root=args.absolute_root,
             video_backend=args.video_backend,
             max_seq_length=args.max_seq_length,
+            min_num_frame=args.min_num_frame,
             progress=not args.no_progress,
         )
     except PrepareError as error:

@@ -64,18 +64,10 @@ def damaged_video(tmp_path_factory):
     """An MP4 of 96 noise frames whose 41st packet is damaged (its length field overwritten): PyAV skips that packet
     and decodes the rest, decord stops there, so the two count different numbers of frames."""
     import av
-    import numpy as np
 
-    path = tmp_path_factory.mktemp("damaged") / "damaged.mp4"
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=12)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for _ in range(96):
-            frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    from tests.media import write_noise_video
+
+    path = write_noise_video(tmp_path_factory.mktemp("damaged") / "damaged.mp4", 96)
     with av.open(str(path)) as container:
         position = [packet.pos for packet in container.demux(video=0) if packet.size][40]
     data = bytearray(path.read_bytes())

@@ -157,7 +157,7 @@ class PrepareReport:
     val_videos: int = 0
     short_videos: list[tuple[str, int, int]] = field(default_factory=list)  # (video, decoded, announced)
     val_ratio: float = 0.0
-    summary_budget: int = 0  # estimated tokens a summary has room for
+    summary_room: int = 0  # estimated tokens a summary has room for, next to min_num_frame frames
     long_summaries: list[LongSummary] = field(default_factory=list)
     version_dir: Path | None = None  # the published folder, named by meta.json
 
@@ -192,7 +192,7 @@ class PrepareReport:
             longest = max(self.long_summaries, key=lambda item: item.tokens)
             lines.append(
                 f"summaries too long for any training sample: {len(self.long_summaries)} (longest: {longest.source}, "
-                f"about {longest.tokens:,} tokens; room for about {self.summary_budget:,}); kept, see the warnings"
+                f"about {longest.tokens:,} tokens; room for about {self.summary_room:,}); kept, see the warnings"
             )
         if self.short_videos:
             video, decoded, announced = max(self.short_videos, key=lambda item: item[2] - item[1])
@@ -670,34 +670,34 @@ class LongSummary:
     source: str
     characters: int
     tokens: int  # estimated
-    budget: int  # estimated tokens left for the summary
+    room: int  # estimated tokens left for the summary
 
     def __str__(self) -> str:
         return (
             f"{self.source}: the summary is about {self.tokens:,} tokens ({self.characters:,} characters), more than "
-            f"the about {self.budget:,} a sample has room for; training cannot use this record and will skip it: "
+            f"the about {self.room:,} a sample has room for; training cannot use this record and will skip it: "
             "shorten the summary, or raise max_seq_length (--max_seq_length in training, --max-seq-length here)"
         )
 
 
-def find_long_summaries(
-    records: list[ValidRecord], max_seq_length: int, prompt: str, system_prompt: str | None
-) -> tuple[int, list[LongSummary]]:
-    """The token budget of a summary and the records over it.
+def summary_token_room(max_seq_length: int, frames: int, text: str) -> int:
+    """Tokens left for the summary in a sample of ``max_seq_length`` tokens that also holds ``frames`` video frames
+    and ``text`` (the system message and the prompt), estimated from UTF-8 bytes (``UTF8_BYTES_PER_TOKEN``)."""
+    return max_seq_length - frames * video_frame_token_estimate(SampleOptions.num_image_token) - estimated_tokens(text)
 
-    A training sample holds the system message, the prompt, at least ``min_num_frame`` frames (training's default)
-    and the summary, in ``max_seq_length`` tokens; tokens are estimated from UTF-8 bytes (``UTF8_BYTES_PER_TOKEN``).
-    """
-    defaults = SampleOptions()
-    system = system_prompt if system_prompt is not None else get_conv_template(defaults.template_name).system_message
-    frames = defaults.min_num_frame * video_frame_token_estimate(defaults.num_image_token)
-    budget = max_seq_length - frames - estimated_tokens(system + prompt)
-    long = [
-        LongSummary(record.source, len(record.summary), estimated_tokens(record.summary), budget)
-        for record in records
-        if estimated_tokens(record.summary) > budget
-    ]
-    return budget, long
+
+def find_long_summaries(
+    records: list[ValidRecord], max_seq_length: int, min_num_frame: int, text: str, max_frames: int | None = None
+) -> list[LongSummary]:
+    """Records whose summary does not fit next to the fewest frames training draws: ``min_num_frame``, or every
+    frame of a shorter video (of its ``max_frames`` extracted ones, with ``--extract-frames``)."""
+    long = []
+    for record in records:
+        frames = min(min_num_frame, record.info.num_frames, max_frames or record.info.num_frames)
+        room = summary_token_room(max_seq_length, frames, text)
+        if estimated_tokens(record.summary) > room:
+            long.append(LongSummary(record.source, len(record.summary), estimated_tokens(record.summary), room))
+    return long
 
 
 def _remove_old_outputs(output_dir: Path, current: str) -> None:
@@ -723,6 +723,35 @@ def _holds(folder: Path, files: dict[str, str]) -> bool:
     )
 
 
+def publish(
+    output_dir: Path, version: str, files: dict[str, str], meta: dict[str, MetaEntry], write_more=None
+) -> None:
+    """Make ``meta`` (naming files in the folder ``version``) the outputs of ``output_dir``, as one switch.
+
+    Under the lock: the folder ``version`` is written under a temporary name (``files``, and what
+    ``write_more(folder)`` adds) and renamed into place, unless it already holds ``files``; then ``meta.json`` is
+    replaced by one rename; then older versions and leftovers are removed. Raises ``PrepareError`` when another run
+    holds the lock or the disk fails; until the rename of ``meta.json``, the previous outputs are in use.
+    """
+    version_dir = output_dir / version
+    try:
+        with exclusive_lock(output_dir / LOCK_FILE):
+            if not _holds(version_dir, files):
+                with atomic_directory(version_dir) as staging:
+                    if write_more is not None:
+                        write_more(staging)
+                    for file_name, text in files.items():
+                        atomic_write_text(staging / file_name, text)
+            write_meta(output_dir / META_FILE, meta)
+            _remove_old_outputs(output_dir, version)
+    except LockHeldError:
+        raise PrepareError(
+            f"another prepare run is writing to {output_dir}; wait for it to finish, or pass another --output-dir"
+        ) from None
+    except OSError as error:
+        raise _write_error(error, output_dir) from None
+
+
 def prepare_dataset(
     input_path: str | os.PathLike = DEFAULT_INPUT,
     output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
@@ -740,6 +769,7 @@ def prepare_dataset(
     absolute_root: bool = False,
     video_backend: str = "pyav",
     max_seq_length: int = SampleOptions.max_seq_length,
+    min_num_frame: int = SampleOptions.min_num_frame,
     progress: bool = True,
 ) -> PrepareReport:
     """Validate the input, split it and publish ``meta.json`` with its version folder (see the module docstring).
@@ -753,6 +783,14 @@ def prepare_dataset(
         raise PrepareError("the prompt is empty")
     if extract and num_frames < 1:
         raise PrepareError(f"--num-frames must be at least 1, got {num_frames}")
+    # What a sample holds besides the summary: the system message (the template's without one) and the prompt.
+    sample_text = (system_prompt or get_conv_template(SampleOptions.template_name).system_message) + prompt
+    if summary_token_room(max_seq_length, min_num_frame, sample_text) <= 0:
+        raise PrepareError(
+            f"--max-seq-length {max_seq_length} leaves no room for a summary next to {min_num_frame} frames "
+            f"({video_frame_token_estimate(SampleOptions.num_image_token)} tokens each): training could build no "
+            "sample; pass the training's --max_seq_length and --min_num_frame values"
+        )
     input_path, output_dir = Path(input_path), Path(output_dir)
     _check_output_dir(output_dir)
     raw_records, rejected, default_root = read_input(input_path, video_key, summary_key)
@@ -776,23 +814,24 @@ def prepare_dataset(
             if record.info.announced_frames and record.info.num_frames < record.info.announced_frames
         }
     )
-    report.summary_budget, report.long_summaries = find_long_summaries(kept, max_seq_length, prompt, system_prompt)
+    report.summary_room = summary_token_room(max_seq_length, min_num_frame, sample_text)
+    report.long_summaries = find_long_summaries(
+        kept, max_seq_length, min_num_frame, sample_text, num_frames if extract else None
+    )
 
-    # The version folder's files; their paths are relative to it or to the video root, never naming the version.
-    frame_folders = {record.real_path: Path(FRAMES_DIR) / _frames_folder_name(record.video) for record in kept}
+    # The version folder's files: paths in them are relative to it or to the video root, never naming the version.
+    frame_folders = {r.real_path: f"{FRAMES_DIR}/{_frames_folder_name(r.video)}/" for r in kept} if extract else {}
     files = {REJECTS_FILE: "".join(rejection.to_json() + "\n" for rejection in rejected)}
     splits = {name: records for name, records in ((TRAIN_NAME, train), (VAL_NAME, val)) if records}
     for name, records in splits.items():
         ids = _record_ids(records)
         lines = []
         for position, record in enumerate(records):
-            video = frame_folders[record.real_path].as_posix() + "/" if extract else record.video
+            video = frame_folders.get(record.real_path, record.video)
             extracted = min(num_frames, record.info.num_frames) if extract else None
             lines.append(_record_json(record, ids[position], video, prompt, system_prompt, extracted) + "\n")
         files[f"{name}.jsonl"] = "".join(lines)
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    version = VERSION_PREFIX + digest[:12]
-    version_dir = output_dir / version
+    version_dir = output_dir / (VERSION_PREFIX + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12])
 
     # An empty split gets no entry: the launcher switches evaluation on for a "_val" entry.
     meta = {
@@ -804,27 +843,13 @@ def prepare_dataset(
         )
         for name, records in splits.items()
     }
-    try:
-        with exclusive_lock(output_dir / LOCK_FILE):
-            if not _holds(version_dir, files):
-                with atomic_directory(version_dir) as staging:
-                    unique = {record.real_path: record for record in kept} if extract else {}
-                    for real_path, record in tqdm(
-                        unique.items(), desc="extracting frames", unit="video", disable=not progress
-                    ):
-                        extract_frames(record, root, staging / frame_folders[real_path], num_frames, video_backend)
-                    for file_name, text in files.items():
-                        atomic_write_text(staging / file_name, text)
-            # The switch: meta.json, replaced in one rename, names the new complete set.
-            write_meta(output_dir / META_FILE, meta)
-            _remove_old_outputs(output_dir, version)
-    except LockHeldError:
-        raise PrepareError(
-            f"another prepare run is writing to {output_dir}; wait for it to finish, or pass another --output-dir"
-        ) from None
-    except OSError as error:
-        raise _write_error(error, output_dir) from None
 
+    def write_frames(folder: Path) -> None:
+        videos = {record.real_path: record for record in kept if record.real_path in frame_folders}
+        for real_path, record in tqdm(videos.items(), desc="extracting frames", unit="video", disable=not progress):
+            extract_frames(record, root, folder / frame_folders[real_path], num_frames, video_backend)
+
+    publish(output_dir, version_dir.name, files, meta, write_frames)
     report.version_dir = version_dir
     report.train_records, report.val_records = len(train), len(val)
     report.train_videos = len({record.real_path for record in train})

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
 from internvl.data.prepare import PrepareError, prepare_dataset
+from tests.media import write_noise_video
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "prepare_internvl3_finetuning.py"
@@ -39,16 +38,7 @@ def _write_csv(path: Path, rows: list[tuple[str, str]], header=("video", "summar
 
 def _lying_video(path: Path) -> None:
     """An MP4 whose header announces 48 frames but whose data was cut: only some of them decode."""
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=12)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for _ in range(48):
-            frame = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    data = path.read_bytes()
+    data = write_noise_video(path, 48, faststart=True).read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
 
@@ -401,6 +391,24 @@ def test_a_full_or_read_only_disk_is_one_line_and_changes_nothing(
     assert _tree(output_dir) == before  # the old set, and no temporary file
 
 
+@pytest.mark.parametrize(
+    ("fault", "code", "line"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted: {out}/meta.json names a complete set, the previous one unless"),
+        (PermissionError(errno.EACCES, "Permission denied", "clip.mp4"), 1, "error: [Errno 13] Permission denied"),
+    ],
+    ids=["ctrl-c", "os-error"],
+)
+def test_the_cli_answers_an_interruption_or_an_os_error_in_one_line(tmp_path, monkeypatch, capsys, fault, code, line):
+    def failing(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(prepare_cli, "prepare_dataset", failing)
+    assert prepare_cli.main(["--input", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(line.format(out=tmp_path / "out"))
+
+
 def test_an_unwritable_output_folder_is_refused_before_decoding(demo_videos_dir, tmp_path, monkeypatch):
     import internvl.data.prepare as prepare
 
@@ -460,11 +468,14 @@ def test_summaries_too_long_for_any_sample_are_warned_about(demo_videos_dir, tmp
     assert "training cannot use this record and will skip it: shorten the summary, or raise max_seq_length" in out
     assert "summaries too long for any training sample: 1 (longest: long.csv:2, about 25,125 tokens" in out
     assert "kept 3 records" in out  # a warning, not a rejection
-    # The threshold follows the training's sample length.
-    report = prepare_dataset(
-        csv_path, tmp_path / "short", video_root=demo_videos_dir, max_seq_length=2560, val_ratio=0, progress=False
-    )
+    # The threshold follows the training's settings: the sample length, and the fewest frames next to the summary.
+    options = dict(video_root=demo_videos_dir, val_ratio=0, progress=False)
+    report = prepare_dataset(csv_path, tmp_path / "out", max_seq_length=2560, **options)
     assert [long.source for long in report.long_summaries] == ["long.csv:2", "long.csv:3"]
+    report = prepare_dataset(csv_path, tmp_path / "out", max_seq_length=2048, min_num_frame=4, **options)
+    assert [long.source for long in report.long_summaries] == ["long.csv:2"]
+    with pytest.raises(PrepareError, match="--max-seq-length 2048 leaves no room for a summary next to 8 frames"):
+        prepare_dataset(csv_path, tmp_path / "out", max_seq_length=2048, **options)
 
 
 def test_strict_mode_fails_and_writes_nothing(messy_input, tmp_path, capsys):
