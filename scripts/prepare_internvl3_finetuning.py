@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from internvl.data.dataset import SampleOptions  # noqa: E402
 from internvl.data.prepare import (  # noqa: E402
     DEFAULT_INPUT,
     DEFAULT_OUTPUT_DIR,
@@ -22,8 +23,8 @@ from internvl.data.prepare import (  # noqa: E402
     REJECTS_FILE,
     PrepareError,
     prepare_dataset,
+    printable,
 )
-from internvl.data.dataset import SampleOptions  # noqa: E402
 from internvl.data.video import VIDEO_BACKENDS  # noqa: E402
 
 NO_INPUT_HELP = f"""\
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as error:
         for rejection in error.rejected:
             print(f"rejected {rejection}", file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 1
     except OSError as error:  # reading the input: the file and the cause, not a traceback
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         meta = args.output_dir / META_FILE

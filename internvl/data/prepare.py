@@ -127,14 +127,13 @@ class Rejection:
     reason: str
     detail: str
 
+    # Paths and text from the input may hold bytes that are not UTF-8: they are shown as \xe9 when written.
     def to_json(self) -> str:
-        return json.dumps(
-            {"source": self.source, "video": self.video, "reason": self.reason, "detail": self.detail},
-            ensure_ascii=False,
-        )
+        fields = {"source": self.source, "video": self.video, "reason": self.reason, "detail": self.detail}
+        return json.dumps({k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}, ensure_ascii=False)
 
     def __str__(self) -> str:
-        return f"{self.source}: {self.reason}: {self.detail}"
+        return printable(f"{self.source}: {self.reason}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -340,7 +339,7 @@ def _read_csv(path: Path, video_key: str | None, summary_key: str | None) -> tup
             rejected.append(
                 Rejection(
                     source,
-                    printable(row.get(video_field) or ""),
+                    row.get(video_field),
                     EXTRA_FIELDS,
                     f"{len(fields)} fields where the header has {len(header)}: a comma inside an unquoted field "
                     f"splits it (the {summary_field} would be cut to {cut!r}); put the field in double quotes",
@@ -483,8 +482,7 @@ class _Validator:
 
     def check(self, record: RawRecord) -> ValidRecord | Rejection:
         def reject(reason: str, detail: str) -> Rejection:
-            video = printable(record.video) if isinstance(record.video, str) else record.video
-            return Rejection(record.source, video, reason, detail)
+            return Rejection(record.source, record.video, reason, detail)
 
         for field_name, value in (("video path", record.video), ("summary", record.summary)):
             if value is not None and not isinstance(value, str):

@@ -689,13 +689,22 @@ def test_text_that_is_not_utf8_or_holds_nul_is_rejected_the_same_way_in_every_fo
     for index, summary in enumerate([b"caf\xe9 scene", b"a NUL\x00 here", "café scene".encode()]):
         shutil.copy(demo_videos_dir / f"demo_00{index}.mp4", folder / f"clip{index}.mp4")
         (folder / f"clip{index}.txt").write_bytes(summary)
+    # A file name that is not UTF-8 (a Latin-1 "café.mp4"), with and without its summary.
+    latin1_name = os.fsdecode(b"caf\xe9")
+    shutil.copy(demo_videos_dir / "demo_003.mp4", folder / f"{latin1_name}.mp4")
+    (folder / f"{latin1_name}.txt").write_text("A scene.")
+    shutil.copy(demo_videos_dir / "demo_004.mp4", folder / f"{latin1_name}2.mp4")
     report = prepare_dataset(folder, tmp_path / "out_folder", val_ratio=0, progress=False)
-    folder_rejects = {(r.source, r.reason, r.detail) for r in report.rejected}
+    folder_rejects = {(r.reason, r.detail) for r in report.rejected}
     assert folder_rejects == {
-        ("clip0.mp4", "not_utf8", "the summary is not UTF-8 text (byte 0xe9 after 'caf'); save clip0.txt as UTF-8"),
-        ("clip1.mp4", "nul_character", "the summary holds a NUL character (at character 5); remove it"),
+        ("not_utf8", "the summary is not UTF-8 text (byte 0xe9 after 'caf'); save clip0.txt as UTF-8"),
+        ("nul_character", "the summary holds a NUL character (at character 5); remove it"),
+        ("not_utf8", "the video path is not UTF-8 text (byte 0xe9 after 'caf'); give the video a UTF-8 name"),
+        ("missing_summary_file", f"no {latin1_name}2.txt beside it"),
     }
     assert [r.summary for r in report.kept] == ["café scene"]
+    rejects = _read_jsonl(report.version_dir / "rejected_records.jsonl")  # written as UTF-8, the bytes shown
+    assert {r["source"] for r in rejects} == {"clip0.mp4", "clip1.mp4", "caf\\xe9.mp4", "caf\\xe92.mp4"}
 
     # CSV and JSONL input: the same records, the same reasons; the other records are kept.
     rows = [b"demo_000.mp4,caf\xe9 scene", b"demo_001.mp4,a NUL\x00 here", "demo_002.mp4,café scene".encode()]
