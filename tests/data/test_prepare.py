@@ -18,6 +18,7 @@ import pytest
 
 from internvl.data.prepare import PrepareError, prepare_dataset
 from tests.media import write_noise_video
+from tests.prepared import TRAIN, VAL, annotation_path
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "prepare_internvl3_finetuning.py"
@@ -117,12 +118,6 @@ def _version_dir(output_dir: Path) -> Path:
     return folder
 
 
-def _annotation(output_dir: Path, part: str) -> Path:
-    """The JSONL file meta.json names for the split ``part`` (train / val)."""
-    entry = json.loads((output_dir / "meta.json").read_text())[f"video_summary_dataset_{part}"]
-    return output_dir / entry["annotation"]
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too), by relative path, with its bytes."""
     return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
@@ -199,7 +194,7 @@ def test_prepared_data_feeds_the_dataset_and_the_model(cli_run, tiny_model_dir, 
 
 
 def _split(output_dir: Path) -> tuple[set, set]:
-    return tuple({r["id"] for r in _read_jsonl(_annotation(output_dir, part))} for part in ("train", "val"))
+    return tuple({r["id"] for r in _read_jsonl(annotation_path(output_dir, part))} for part in (TRAIN, VAL))
 
 
 def test_split_is_deterministic_and_independent_of_input_order(demo_videos_dir, tmp_path):
@@ -520,7 +515,7 @@ def test_folder_of_videos_with_txt_summaries(demo_videos_dir, tmp_path):
         ("no_summary.mp4", "missing_summary_file"),
         ("orphan.txt", "video_not_found"),
     }
-    train = _read_jsonl(_annotation(tmp_path / "out", "train"))
+    train = _read_jsonl(annotation_path(tmp_path / "out"))
     assert [r["conversations"][1]["value"] for r in train] == ["A shape moves.", "Two shapes move."]
 
 
@@ -614,7 +609,7 @@ def test_an_unquoted_comma_rejects_the_row_naming_its_line(demo_videos_dir, tmp_
         "splits it (the summary would be cut to 'A man walks in'); put the field in double quotes"
     ) in out
     assert "rejected 1 records\n  extra_fields: 1" in out
-    train = _read_jsonl(_annotation(tmp_path / "out", "train"))
+    train = _read_jsonl(annotation_path(tmp_path / "out"))
     assert [r["conversations"][1]["value"] for r in train] == ["A man walks in, then sits", "A shape moves."]
 
 
@@ -736,7 +731,7 @@ def test_frames_counted_by_decord_at_prepare_time_are_recounted_by_the_training_
     shutil.copy(damaged_video, tmp_path / "a.mp4")
     _write_csv(tmp_path / "annotations.csv", [("a.mp4", "Noise flickers.")])
     prepare_dataset(tmp_path / "annotations.csv", tmp_path / "out", video_backend="decord", progress=False)
-    (record,) = _read_jsonl(_annotation(tmp_path / "out", "train"))
+    (record,) = _read_jsonl(annotation_path(tmp_path / "out"))
     decord_count, pyav_count = record["decoded_frames"], probe_video(damaged_video).num_frames
     assert record["decoder"] == "decord" and decord_count != pyav_count
     train, _ = build_datasets(tmp_path / "out" / "meta.json", tiny_tokenizer, min_num_frame=2, max_num_frame=4)
@@ -771,7 +766,7 @@ def test_extracted_frames_are_an_official_frame_folder(demo_videos_dir, tmp_path
     meta = json.loads((output_dir / "meta.json").read_text())
     # The frames are part of the version: the root is its folder.
     assert meta["video_summary_dataset_train"]["root"] == _version_dir(output_dir).name
-    record = _read_jsonl(_annotation(output_dir, "train"))[0]
+    record = _read_jsonl(annotation_path(output_dir))[0]
     assert record["video"] == f"frames/{Path(record['source_video']).stem}_mp4/"
     assert record["extracted_frames"] == 4 and record["decoded_frames"] == 24
     frames = sorted(os.listdir(_version_dir(output_dir) / record["video"]))

@@ -20,8 +20,8 @@ def _record(**fields) -> dict:
 
 
 def test_a_video_record_with_what_prepare_writes():
-    raw = _record(id="clip_a", video="clips/a.mp4", decoded_frames=96, fps=24, clip=[2, 6.5], length=4500,
-                  duration=4.0, width=640)  # fmt: skip
+    raw = _record(id="clip_a", video="clips/a.mp4", decoded_frames=96, decoder="pyav", fps=24, clip=[2, 6.5],
+                  length=4500, duration=4.0, width=640)  # fmt: skip
     record = parse_record(raw, "data/train.jsonl", 7)
     assert record == Record(
         path=Path("data/train.jsonl"),
@@ -31,6 +31,7 @@ def test_a_video_record_with_what_prepare_writes():
         id="clip_a",
         length=4500,
         decoded_frames=96,
+        decoder="pyav",
         fps=24.0,
         clip=(2.0, 6.5),
     )
@@ -73,6 +74,7 @@ def test_image_field_forms_and_text_records():
         (_record(length=-1), "'length' must be a token count"),
         (_record(decoded_frames=0), "'decoded_frames' must be a positive integer"),
         (_record(decoded_frames=True), "'decoded_frames' must be a positive integer"),
+        (_record(decoder=1), "'decoder' must be the name of a video decoder"),
         (_record(fps=0), "'fps' must be a positive number"),
         (_record(clip=[5, 2]), "'clip' must be \\[start_s, end_s\\]"),
         (_record(clip=[1]), "'clip' must be \\[start_s, end_s\\]"),
