@@ -368,6 +368,18 @@ def probe_video(path: str | os.PathLike, backend: str = "pyav") -> VideoInfo:
     )
 
 
+def clip_frame_range(
+    clip: tuple[float, float], fps: float, num_decoded_frames: int, *, where: str = "video"
+) -> tuple[int, int]:
+    """(first frame, number of frames) of the clip ``[start_s, end_s]``, as the official reader defines them:
+    ``int(start_s * fps)`` and ``int((end_s - start_s) * fps)``, kept inside the frames that decode (at least one)."""
+    start_s, end_s = clip
+    if not 0 <= start_s < end_s:
+        raise VideoDecodeError(f"{where}: clip {list(clip)} must be [start, end] in seconds with 0 <= start < end")
+    first = min(int(start_s * fps), num_decoded_frames - 1)
+    return first, max(1, min(int((end_s - start_s) * fps), num_decoded_frames - first))
+
+
 def read_video_frames(
     path: str | os.PathLike,
     num_frames: int,
@@ -392,9 +404,7 @@ def read_video_frames(
     if clip is not None:
         if not fps:
             raise VideoDecodeError(f"{path}: a clip needs the frame rate, which this source does not have")
-        start_s, end_s = clip
-        first = min(max(0, int(start_s * fps)), vlen - 1)
-        vlen = max(1, min(vlen, int(end_s * fps)) - first)
+        first, vlen = clip_frame_range(clip, fps, num_decoded_frames, where=str(path))
     if sample.startswith("fps") and not fps:
         raise VideoDecodeError(f"{path}: '{sample}' sampling needs the frame rate, which this source does not have")
     indices = [first + i for i in get_frame_indices(num_frames, vlen, sample, fix_start, fps or 1, num_frames, rng)]

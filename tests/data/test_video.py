@@ -15,6 +15,7 @@ from internvl.data.demo import make_demo_videos
 from internvl.data.video import (
     NotAVideoError,
     VideoDecodeError,
+    clip_frame_range,
     get_frame_indices,
     probe_video,
     read_video_frames,
@@ -117,6 +118,35 @@ def test_clip_samples_inside_its_time_range(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "f_0.png")
     with pytest.raises(VideoDecodeError, match="needs the frame rate"):
         read_video_frames(str(folder) + "/", 1, "middle", clip=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("fps", [24.0, 25.0, 29.97, 30.0, 60.0])
+def test_clip_frames_follow_the_official_definition(fps):
+    # The official reader: first frame int(start * fps), int((end - start) * fps) frames. Taking
+    # int(end * fps) - int(start * fps) instead differs by one frame on many of these clips.
+    for start in np.arange(0, 5, 0.1).round(1):
+        for end in (start + np.arange(0.1, 5, 0.1)).round(1):
+            official = (int(start * fps), int((end - start) * fps))
+            if official[1] >= 1:
+                assert clip_frame_range((start, end), fps, 10_000) == official, (start, end)
+
+
+def test_clip_stays_inside_the_decoded_frames():
+    assert clip_frame_range((2.0, 9.0), 10.0, 50) == (20, 30)  # the video ends at frame 50
+    assert clip_frame_range((7.0, 8.0), 10.0, 50) == (49, 1)  # starts after the end: the last frame
+    assert clip_frame_range((1.0, 1.01), 10.0, 50) == (10, 1)  # shorter than a frame: one frame
+    for clip in [(2.0, 1.0), (1.0, 1.0), (-1.0, 2.0)]:
+        with pytest.raises(VideoDecodeError, match="0 <= start < end"):
+            clip_frame_range(clip, 10.0, 50)
+
+
+def test_clip_reads_the_officially_defined_frames(tmp_path):
+    path = tmp_path / "clip.mp4"
+    _encode(path, _noise_frames(30, size=32), fps=30)
+    reference = _decode_all(path)
+    # [0.2, 0.6] s at 30 fps: frames 6..16 officially (11 frames; int(0.6 * 30) - int(0.2 * 30) would give 12).
+    frames = read_video_frames(path, 11, "middle", clip=(0.2, 0.6))
+    assert np.array_equal(np.stack([np.asarray(f) for f in frames]), np.stack(reference[6:17]))
 
 
 def test_truncated_video_counts_what_decodes(tmp_path):
