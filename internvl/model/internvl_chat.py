@@ -81,7 +81,7 @@ def quiet_peft_wrapping():
 
 @dataclass
 class InternVLChatOutput(ModelOutput):
-    """``loss`` when labels are given; ``logits`` [B, L, vocab] unless skipped to save memory (see ``forward``)."""
+    """``loss`` when labels are given; ``logits`` [B, L, vocab], except in training with labels (see ``forward``)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -97,6 +97,8 @@ class InternVLChatModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     supports_gradient_checkpointing = True
+    # ``forward`` takes ``num_items_in_batch``: the HF Trainer then normalizes the loss over the whole optimizer step.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: InternVLChatConfig):
         super().__init__(config)
@@ -306,23 +308,32 @@ class InternVLChatModel(PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         image_flags: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | float | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_logits: bool | None = None,
         return_dict: bool | None = None,
     ) -> InternVLChatOutput | tuple:
-        """Causal-LM loss (mean over supervised tokens, as the official model) and/or logits.
+        """Logits and, with ``labels``, the causal-LM loss, as the official model returns them.
 
-        With ``labels``, logits are computed only for the supervised (sample, position) pairs and not returned,
-        unless ``return_logits=True``: on video prompts of thousands of image tokens this avoids a
-        [batch, length, vocab] tensor that would dominate memory, and the cost stays linear in the batch. A batch
-        with no supervised token gives a zero loss. Without labels the full logits are returned.
+        The loss is ``sum(loss_weight * cross_entropy) / num_items_in_batch`` over the supervised (next-token)
+        positions. ``loss_weight`` (``[B, L]``, aligned with ``labels``) defaults to 1 per supervised token, and
+        ``num_items_in_batch`` to the sum of those weights, so the default is the official mean over supervised
+        tokens. The trainer passes the weight sum of the whole optimizer step (all accumulation steps and
+        processes), which makes the loss independent of how a step is split into batches.
+
+        In training mode with ``labels``, or with ``return_logits=False``, logits are computed only at the
+        supervised positions and not returned (``logits`` is None): on video prompts of thousands of image tokens
+        this avoids a [batch, length, vocab] fp32 tensor that would dominate memory. In eval mode (and with
+        ``return_logits=True``) the full logits come back with the loss, for code that scores with them. Without
+        labels the full logits are returned. A batch with no supervised token gives a zero loss.
         """
         if input_ids is None:
             raise ValueError("input_ids are required")
         inputs_embeds = self._embed_with_images(input_ids, pixel_values, image_flags)
         if return_logits is None:
-            return_logits = labels is None
+            return_logits = labels is None or not self.training
 
         llm_kwargs = dict(
             inputs_embeds=inputs_embeds,
@@ -333,26 +344,30 @@ class InternVLChatModel(PreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         loss = logits = None
-        if labels is not None and not return_logits:
-            outputs = self.base_language_model.model(**llm_kwargs)
-            target = labels[:, 1:].to(inputs_embeds.device)
-            supervised = target != IGNORE_INDEX
-            # Project only the (sample, position) pairs whose next token is supervised: their count, not
-            # batch x length, sets the size of the fp32 vocabulary logits.
-            hidden = outputs.last_hidden_state[:, :-1][supervised]
-            supervised_logits = self.lm_head(hidden).float()
-            # A batch with nothing supervised contributes a zero loss (and zero gradients), not NaN.
-            loss_sum = F.cross_entropy(supervised_logits, target[supervised], reduction="sum")
-            loss = loss_sum / supervised.sum().clamp(min=1)
-        else:
+        if labels is None:
             outputs = self.language_model(**llm_kwargs)
             logits = outputs.logits
-            if labels is not None:
-                loss = F.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1),
-                    labels[:, 1:].to(logits.device).flatten(),
-                    ignore_index=IGNORE_INDEX,
-                )
+        else:
+            target = labels[:, 1:].to(inputs_embeds.device)
+            supervised = target != IGNORE_INDEX
+            if return_logits:
+                outputs = self.language_model(**llm_kwargs)
+                logits = outputs.logits
+                supervised_logits = logits[:, :-1][supervised].float()
+            else:
+                outputs = self.base_language_model.model(**llm_kwargs)
+                # Project only the (sample, position) pairs whose next token is supervised: their count, not
+                # batch x length, sets the size of the fp32 vocabulary logits.
+                supervised_logits = self.lm_head(outputs.last_hidden_state[:, :-1][supervised]).float()
+            token_losses = F.cross_entropy(supervised_logits, target[supervised], reduction="none")
+            weights = (
+                loss_weight[:, 1:].to(token_losses.device)[supervised].float()
+                if loss_weight is not None
+                else torch.ones_like(token_losses)
+            )
+            normalizer = weights.sum() if num_items_in_batch is None else num_items_in_batch
+            # Nothing supervised (weights sum to 0): a zero loss with zero gradients, not NaN.
+            loss = (weights * token_losses).sum() / torch.clamp(torch.as_tensor(normalizer).to(weights), min=1e-12)
         result = InternVLChatOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

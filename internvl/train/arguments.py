@@ -4,8 +4,9 @@ The official InternVL flag names are kept, so the official shell scripts run unc
 transformers 5 removed from ``TrainingArguments`` are accepted under their old spelling and mapped onto the new
 fields: ``--evaluation_strategy`` (``eval_strategy``), ``--warmup_ratio`` (a fractional ``warmup_steps``),
 ``--group_by_length`` (``train_sampling_strategy="group_by_length"``) and ``--overwrite_output_dir`` (start from
-scratch instead of resuming). Official flags this recipe does not implement are rejected with the reason, unless
-they ask for the official default, in which case they change nothing.
+scratch instead of resuming). ``--loss_reduction_all_gather`` is the official name of transformers'
+``--average_tokens_across_devices``. Official flags this recipe does not implement are rejected with the reason,
+unless they ask for the official default, in which case they change nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from internvl.constants import CONFIGS_DIR
-
+from internvl.data.collate import LOSS_REDUCTIONS
 
 
 @dataclass
@@ -66,6 +67,33 @@ class DataTrainingArguments:
     normalize_type: str = field(
         default="imagenet", metadata={"help": "Pixel normalisation.", "choices": ["imagenet", "clip", "siglip"]}
     )
+    use_packed_ds: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack the samples of each batch into shared rows of at most --max_packed_tokens tokens, "
+            "attention kept within each sample (less padding; the loss is unchanged)."
+        },
+    )
+    max_packed_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens per packed row (default: --max_seq_length; at least that)."}
+    )
+    loss_reduction: str = field(
+        default="token",
+        metadata={
+            "help": "How trained tokens weigh in the loss: 'token' equally, 'sample' 1/n for a sample of n trained "
+            "tokens (every sample counts the same), 'square' 1/sqrt(n). Normalized over each optimizer step.",
+            "choices": list(LOSS_REDUCTIONS),
+        },
+    )
+
+    def __post_init__(self):
+        if self.max_packed_tokens is not None and not self.use_packed_ds:
+            raise ValueError("--max_packed_tokens sets the size of packed rows: pass it with --use_packed_ds True.")
+        if self.use_packed_ds and self.max_packed_tokens is not None and self.max_packed_tokens < self.max_seq_length:
+            raise ValueError(
+                f"--max_packed_tokens {self.max_packed_tokens} is below --max_seq_length {self.max_seq_length}: a "
+                "sample could not fit a packed row; raise --max_packed_tokens or lower --max_seq_length."
+            )
 
     def dataset_options(self) -> dict[str, Any]:
         """The keyword arguments of ``internvl.data.dataset.build_datasets`` these flags set."""
@@ -83,6 +111,11 @@ class DataTrainingArguments:
             max_seq_length=self.max_seq_length,
         )
 
+    def collator_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``internvl.data.collate.InternVLDataCollator`` these flags set."""
+        packed_row_tokens = (self.max_packed_tokens or self.max_seq_length) if self.use_packed_ds else None
+        return dict(loss_reduction=self.loss_reduction, max_packed_tokens=packed_row_tokens)
+
 
 @dataclass
 class InternVLTrainingArguments(TrainingArguments):
@@ -95,6 +128,13 @@ class InternVLTrainingArguments(TrainingArguments):
     group_by_length: bool = field(
         default=False,
         metadata={"help": "Batch samples of similar length (the dataset's precomputed lengths; nothing is decoded)."},
+    )
+    loss_reduction_all_gather: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Official spelling of --average_tokens_across_devices: normalize the loss by the trained tokens "
+            "of all processes (True here by default) or of each process alone (False)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -135,6 +175,8 @@ class InternVLTrainingArguments(TrainingArguments):
             if self.warmup_steps:
                 raise ValueError("Pass either --warmup_ratio or --warmup_steps, not both.")
             self.warmup_steps = self.warmup_ratio
+        if self.loss_reduction_all_gather is not None:
+            self.average_tokens_across_devices = self.loss_reduction_all_gather
         if self.group_by_length:
             if self.train_sampling_strategy not in ("random", "group_by_length"):
                 raise ValueError(
@@ -154,9 +196,10 @@ def resolve_deepspeed_config(config: str | dict | None) -> str | dict | None:
     raise FileNotFoundError(f"DeepSpeed config {config!r} not found; give a path or one of: {available}.")
 
 
-# Official flags this recipe does not implement, with the value under which they do nothing (the official
-# default) and the reason they are not supported. Scripts written for the official code keep running as long
-# as they leave these at their defaults.
+# Official flags this recipe does not implement, with the value under which they do nothing and the reason they
+# are not supported. That value is the official default, except for strict_mode, whose official default (True) pads
+# packs to a fixed size. Scripts written for the official code keep running as long as they leave these at that
+# value.
 UNSUPPORTED_OFFICIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "vision_path": (None, "building a model from a separate vision tower is not supported; pass a full InternVL "
                           "checkpoint as --model_name_or_path"),
@@ -168,16 +211,14 @@ UNSUPPORTED_OFFICIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "use_liger": (False, "Liger kernels are not integrated"),
     "use_data_resampling": (False, "square-root dataset resampling is not implemented; set repeat_time per dataset "
                                    "in meta.json"),
-    "use_packed_ds": (False, "packed training is not implemented; use --group_by_length True"),
-    "num_images_expected": (40, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "max_packed_tokens": (8192, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "max_buffer_size": (20, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "log_freq": (1000, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "strict_mode": (True, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "replacement": (False, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "allow_overflow": (False, "only used by packed training (--use_packed_ds), which is not implemented"),
-    "loss_reduction": ("token", "only 'token' (mean over trained tokens) is implemented"),
-    "loss_reduction_all_gather": (False, "only used with packed training, which is not implemented"),
+    "num_images_expected": (40, "a packed batch holds the same --per_device_train_batch_size samples, and tiles, as "
+                                "an unpacked one"),
+    "max_buffer_size": (20, "packing works on each batch of --per_device_train_batch_size samples, not on a buffer "
+                            "of the sample stream"),
+    "log_freq": (1000, "packing logs no per-pack statistics"),
+    "strict_mode": (False, "packed rows are never padded to a fixed number of tokens or tiles"),
+    "replacement": (False, "an epoch ends with the data; exhausted datasets are not restarted"),
+    "allow_overflow": (False, "a packed row holds whole samples and never exceeds --max_packed_tokens"),
 }
 
 

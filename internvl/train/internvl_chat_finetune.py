@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if evaluating else None,
-        data_collator=InternVLDataCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=InternVLDataCollator(pad_token_id=tokenizer.pad_token_id, **data_args.collator_options()),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(output_dir)],
         base_model_path=model_args.model_name_or_path,
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_record(output_dir, argv, (model_args, data_args, training_args))
+    if data_args.use_packed_ds and training_args.per_device_train_batch_size == 1:
+        log("--use_packed_ds True packs the samples of a batch, and --per_device_train_batch_size 1 makes batches of "
+            "one sample: nothing is packed. Raise the batch size (and lower --gradient_accumulation_steps) to pack.")
     log(
         f"Effective batch size: {trainer.effective_batch_size} = {training_args.per_device_train_batch_size} per "
         f"device x {training_args.gradient_accumulation_steps} gradient accumulation x {training_args.world_size} "

@@ -5,6 +5,12 @@ Changes to the stock trainer:
   to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
+- the loss of a batch is divided by the summed loss weights of the whole optimizer step (all accumulation steps
+  and, with ``average_tokens_across_devices``, all processes): transformers' ``num_items_in_batch`` path, fed with
+  the collator's ``loss_weight`` (1 per trained token for ``--loss_reduction token``). Gradients then do not depend
+  on how a step is split into batches, accumulation steps or processes, and the logged loss is the step's weighted
+  mean per token;
+- evaluation asks the model for the loss only (``prediction_loss_only``), so no [batch, length, vocab] logits;
 - logged values include tokens/s, samples/s and peak GPU memory.
 """
 
@@ -13,9 +19,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from internvl.constants import IGNORE_INDEX
 from internvl.train.callbacks import ThroughputMeter
 from internvl.train.checkpoint import gather_trainable_state_dict, load_trained_weights, save_trained_weights
 
@@ -61,6 +69,24 @@ class InternVLTrainer(Trainer):
             )
         # One group is one optimizer step over all ranks, as in the official recipe.
         return LengthGroupedSampler(self.effective_batch_size, lengths=[int(n) for n in lengths])
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The loss normalizer of one optimizer step: the summed weights of its targets (the trained next tokens),
+        over the step's batches and, as transformers does for token counts, over all processes."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        total = sum(
+            batch["loss_weight"][:, 1:].sum() if "loss_weight" in batch else (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            for batch in batch_samples
+        ).to(device=device, dtype=torch.float32)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.prediction_loss_only and not model.training:
+            inputs = {**inputs, "return_logits": False}  # the loss alone: keep the supervised-only projection
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank joins the ZeRO-3 gather; only the main process writes.

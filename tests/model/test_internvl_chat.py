@@ -288,19 +288,61 @@ def test_image_token_count_mismatch_raises(tiny_model, tiny_tokenizer):
         tiny_model(pixel_values=torch.randn(1, 3, 448, 448), input_ids=input_ids)
 
 
-def test_loss_is_the_same_with_and_without_full_logits(tiny_model, tiny_tokenizer):
-    input_ids = torch.cat([image_prompt_ids(tiny_tokenizer, 256)] * 2)
+def _two_sample_batch(tokenizer):
+    input_ids = torch.cat([image_prompt_ids(tokenizer, 256)] * 2)
     labels = input_ids.clone()
     labels[0, :-6] = -100
     labels[1, :-3] = -100
-    pixel_values = torch.randn(2, 3, 448, 448)
+    return dict(pixel_values=torch.randn(2, 3, 448, 448), input_ids=input_ids, labels=labels)
+
+
+def test_eval_mode_returns_logits_and_loss_as_the_official_model(tiny_model, tiny_tokenizer):
+    batch = _two_sample_batch(tiny_tokenizer)
     with torch.no_grad():
-        lean = tiny_model(pixel_values=pixel_values, input_ids=input_ids, labels=labels)
-        full = tiny_model(pixel_values=pixel_values, input_ids=input_ids, labels=labels, return_logits=True)
-        manual = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    assert lean.logits is None and full.logits.shape[:2] == input_ids.shape
+        out = tiny_model(**batch)
+    assert out.logits.shape == (*batch["input_ids"].shape, tiny_model.config.llm_config.vocab_size)
+    labels = batch["labels"]
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_training_mode_and_return_logits_false_skip_the_full_logits(tiny_model, tiny_tokenizer):
+    batch = _two_sample_batch(tiny_tokenizer)
+    with torch.no_grad():
+        full = tiny_model(**batch)
+        lean = tiny_model(**batch, return_logits=False)
+        tiny_model.train()
+        try:
+            training = tiny_model(**batch)
+            training_full = tiny_model(**batch, return_logits=True)
+        finally:
+            tiny_model.eval()
+    assert lean.logits is None and training.logits is None and training_full.logits is not None
     torch.testing.assert_close(lean.loss, full.loss)
-    torch.testing.assert_close(full.loss, manual)
+    torch.testing.assert_close(training.loss, full.loss)
+    torch.testing.assert_close(training_full.logits, full.logits)
+
+
+def test_loss_weights_and_normalizer(tiny_model, tiny_tokenizer):
+    batch = _two_sample_batch(tiny_tokenizer)
+    with torch.no_grad():
+        out = tiny_model(**batch)
+        targets = batch["labels"][:, 1:]
+        token_losses = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )
+        # Per-sample weights 1/n (the official "sample" reduction): the mean of the two samples' mean losses.
+        weights = (batch["labels"] != -100).float()
+        weights /= weights.sum(dim=1, keepdim=True)
+        weighted = tiny_model(**batch, loss_weight=weights, return_logits=False)
+        per_sample = token_losses.sum(dim=1) / (targets != -100).sum(dim=1)
+        torch.testing.assert_close(weighted.loss, per_sample.mean())
+        # An explicit normalizer replaces the batch's own weight sum (the trainer passes the whole step's).
+        scaled = tiny_model(**batch, loss_weight=weights, num_items_in_batch=torch.tensor(8.0), return_logits=False)
+        torch.testing.assert_close(scaled.loss, per_sample.sum() / 8)
+        # Nothing supervised: zero, not NaN.
+        empty = tiny_model(**{**batch, "labels": torch.full_like(batch["labels"], -100)}, return_logits=False)
+    assert empty.loss.item() == 0.0
 
 
 def test_frozen_vision_tower_runs_without_autograd(tiny_model):

@@ -64,15 +64,44 @@ def test_contradictory_older_flags_are_rejected(extra, message):
 
 
 def test_unsupported_official_flags_at_their_default_are_accepted():
-    parse_args(MINIMAL + ["--use_packed_ds", "False", "--loss_reduction", "token", "--max_packed_tokens=8192",
+    parse_args(MINIMAL + ["--num_images_expected", "40", "--max_buffer_size=20", "--strict_mode", "False",
                           "--unfreeze_lm_head", "False"])  # fmt: skip
 
 
 def test_unsupported_official_flags_set_otherwise_are_rejected_together():
     with pytest.raises(ValueError) as error:
-        parse_args(MINIMAL + ["--use_packed_ds", "True", "--loss_reduction=square", "--use_liger"])
+        parse_args(MINIMAL + ["--num_images_expected", "48", "--strict_mode=True", "--use_liger"])
     text = str(error.value)
-    assert "--use_packed_ds True" in text and "--loss_reduction square" in text and "--use_liger True" in text
+    assert "--num_images_expected 48" in text and "--strict_mode True" in text and "--use_liger True" in text
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_official_loss_reductions_are_accepted(reduction):
+    _, data_args, _ = parse_args(MINIMAL + ["--loss_reduction", reduction])
+    assert data_args.collator_options()["loss_reduction"] == reduction
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        parse_args(MINIMAL + ["--loss_reduction", "mean"])
+
+
+def test_loss_is_normalized_over_all_processes_unless_asked_otherwise():
+    _, _, training_args = parse_args(MINIMAL)
+    assert training_args.average_tokens_across_devices is True
+    for value in (True, False):
+        _, _, training_args = parse_args(MINIMAL + ["--loss_reduction_all_gather", str(value)])
+        assert training_args.average_tokens_across_devices is value
+
+
+def test_packing_flags():
+    _, data_args, _ = parse_args(MINIMAL)
+    assert data_args.collator_options()["max_packed_tokens"] is None  # not packed
+    _, data_args, _ = parse_args(MINIMAL + ["--use_packed_ds", "True", "--max_seq_length", "4096"])
+    assert data_args.collator_options()["max_packed_tokens"] == 4096
+    _, data_args, _ = parse_args(MINIMAL + ["--use_packed_ds", "True", "--max_packed_tokens", "16384"])
+    assert data_args.collator_options()["max_packed_tokens"] == 16384
+    with pytest.raises(ValueError, match="with --use_packed_ds True"):
+        parse_args(MINIMAL + ["--max_packed_tokens", "16384"])
+    with pytest.raises(ValueError, match="below --max_seq_length"):
+        parse_args(MINIMAL + ["--use_packed_ds", "True", "--max_packed_tokens", "1024", "--max_seq_length", "2048"])
 
 
 def test_unknown_flag_is_an_error():

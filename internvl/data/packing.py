@@ -1,0 +1,53 @@
+"""Packing (``--use_packed_ds True``): the samples of a batch share rows of at most ``max_packed_tokens`` tokens.
+
+A batch of ``per_device_train_batch_size`` samples is laid into as few rows as first-fit decreasing finds, instead
+of one row per sample padded to the longest; padding then only fills the end of each row. Attention stays within
+each sample: packed batches carry no ``attention_mask``, and ``position_ids`` restart at 0 with every sample. From
+those position ids transformers builds a block-diagonal causal mask for SDPA and eager attention (the recipe loads
+SDPA); its flash-attention path detects packing the same way, but only in a batch of one row. Padding tokens have
+position 0, so each is a sequence of its own.
+
+The loss does not change: every sample keeps its own tokens, positions, targets and loss weights, and the first
+token of each sample is never a target (in an unpacked row nothing predicts position 0 either; in a packed row the
+previous sample's last token would).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Sample indices grouped into rows of at most ``max_tokens`` tokens, longest samples first (first-fit
+    decreasing). Deterministic; a sample longer than ``max_tokens`` is an error."""
+    too_long = [n for n in lengths if n > max_tokens]
+    if too_long:
+        raise ValueError(
+            f"a sample of {max(too_long)} tokens does not fit a packed row of max_packed_tokens {max_tokens}; "
+            "--max_packed_tokens must be at least --max_seq_length"
+        )
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
+        if row is None:
+            rows.append([index])
+            room.append(max_tokens - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return rows
+
+
+def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The token count of every sample in a batch, packed or not (padding excluded)."""
+    if "attention_mask" in batch:
+        return [int(n) for n in batch["attention_mask"].sum(dim=1)]
+    lengths = []
+    for positions in batch["position_ids"].tolist():
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        # A padding token is a one-token sequence; a sample is never one token long.
+        lengths += [end - start for start, end in zip(starts, starts[1:]) if end - start > 1]
+    return lengths

@@ -1,0 +1,95 @@
+"""Packing samples into rows: first-fit decreasing, and sample lengths read back from a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl.data.packing import pack_rows, sample_lengths
+
+
+def test_rows_hold_whole_samples_within_the_limit():
+    lengths = [5, 9, 2, 7, 3, 3, 10, 1]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 4  # 40 tokens in rows of 10: as few as possible
+    assert rows == pack_rows(lengths, 10)  # deterministic
+
+
+def test_a_sample_longer_than_a_row_is_an_error():
+    with pytest.raises(ValueError, match="at least --max_seq_length"):
+        pack_rows([3, 12], 10)
+
+
+def test_sample_lengths_of_packed_and_unpacked_batches():
+    unpacked = {"attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "position_ids": torch.zeros(2, 3)}
+    assert sample_lengths(unpacked) == [3, 2]
+    # Padding has position 0: a one-token sequence, not a sample.
+    packed = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])}
+    assert sample_lengths(packed) == [3, 2, 7]
+
+
+# --- packed training computes what unpacked training does ---------------------------------------------------------
+
+
+def video_samples(tokenizer, num_image_token: int) -> list[dict]:
+    """Video-like samples of 1-2 frames (one tile each) and summaries of very different lengths."""
+    from internvl.conversation import video_frame_prompt
+    from internvl.data.tokenize import preprocess_conversation
+
+    words = "a red circle moves to the right while a blue square grows and then turns green".split()
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for frames, answer_words in [(1, 3), (1, 40), (2, 12), (1, 1)]:
+        question = video_frame_prompt(frames) + "Summarize the video."
+        answer = " ".join(words[i % len(words)] for i in range(answer_words))
+        conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        tokens = preprocess_conversation(conversation, tokenizer, [num_image_token] * frames)
+        samples.append({
+            **tokens,
+            "pixel_values": torch.randn(frames, 3, 448, 448, generator=generator),
+            "image_flags": torch.ones(frames, dtype=torch.long),
+        })  # fmt: skip
+    return samples
+
+
+def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch, return_logits=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_packed_loss_and_gradients_equal_unpacked(tiny_lora_model, tiny_tokenizer, reduction):
+    from internvl.data.collate import InternVLDataCollator
+
+    samples = video_samples(tiny_tokenizer, tiny_lora_model.num_image_token)
+    lengths = [len(s["input_ids"]) for s in samples]
+    unpacked = InternVLDataCollator(tiny_tokenizer.pad_token_id, loss_reduction=reduction)(samples)
+    packed = InternVLDataCollator(tiny_tokenizer.pad_token_id, loss_reduction=reduction,
+                                  max_packed_tokens=max(lengths) + 300)(samples)  # fmt: skip
+    assert packed["input_ids"].shape[0] < len(samples)  # several samples do share rows
+    assert sample_lengths(packed) != lengths and sorted(sample_lengths(packed)) == sorted(lengths)
+    loss, grads = loss_and_lora_grads(tiny_lora_model, unpacked)
+    packed_loss, packed_grads = loss_and_lora_grads(tiny_lora_model, packed)
+    assert grads and grads.keys() == packed_grads.keys()
+    torch.testing.assert_close(packed_loss, loss, rtol=0, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_attention_does_not_cross_samples_in_a_row(tiny_lora_model, tiny_tokenizer):
+    # Without the restarting positions (one sequence per row) the samples would see each other, and the loss moves.
+    from internvl.data.collate import InternVLDataCollator
+
+    samples = video_samples(tiny_tokenizer, tiny_lora_model.num_image_token)
+    packed = InternVLDataCollator(tiny_tokenizer.pad_token_id, max_packed_tokens=4096)(samples)
+    assert packed["input_ids"].shape[0] == 1
+    one_sequence = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)}
+    unpacked = InternVLDataCollator(tiny_tokenizer.pad_token_id)(samples)
+    with torch.no_grad():
+        reference = tiny_lora_model(**unpacked, return_logits=False).loss
+        assert torch.allclose(tiny_lora_model(**packed, return_logits=False).loss, reference, atol=1e-5)
+        assert not torch.allclose(tiny_lora_model(**one_sequence, return_logits=False).loss, reference, atol=1e-3)
