@@ -79,6 +79,38 @@ def damaged_video(tmp_path_factory):
 TINY_LORA_RANK = 8
 
 
+def make_tiny_video_samples(tokenizer, num_image_token: int, seed: int = 0) -> list[dict]:
+    """Dataset-style samples of 1-2 video frames (one random tile each) and summaries of very different lengths
+    (1 to 40 words), for checks of batching and loss normalization."""
+    import torch
+
+    from internvl.conversation import video_frame_prompt
+    from internvl.data.tokenize import preprocess_conversation
+
+    words = "a red circle moves to the right while a blue square grows and then turns green".split()
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for frames, answer_words in [(1, 3), (1, 40), (2, 12), (1, 1)]:
+        question = video_frame_prompt(frames) + "Summarize the video."
+        answer = " ".join(words[i % len(words)] for i in range(answer_words))
+        conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        tokens = preprocess_conversation(conversation, tokenizer, [num_image_token] * frames)
+        samples.append({
+            **tokens,
+            "pixel_values": torch.randn(frames, 3, 448, 448, generator=generator),
+            "image_flags": torch.ones(frames, dtype=torch.long),
+        })  # fmt: skip
+    return samples
+
+
+@pytest.fixture(scope="session")
+def tiny_video_samples(tiny_model_dir, tiny_tokenizer):
+    """``make_tiny_video_samples`` for the tiny model (treat them as read-only)."""
+    from internvl.model.configuration import InternVLChatConfig
+
+    return make_tiny_video_samples(tiny_tokenizer, InternVLChatConfig.from_pretrained(tiny_model_dir).num_image_token)
+
+
 def _tiny_lora_model(model_dir):
     """The tiny model as LoRA training leaves it: vision tower and projector frozen, the LLM wrapped with LoRA whose
     B matrices are random (peft initialises them to zero, and a zero adapter would change nothing)."""

@@ -75,10 +75,11 @@ class InternVLTrainer(Trainer):
         over the step's batches and, as transformers does for token counts, over all processes."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        total = sum(
-            batch["loss_weight"][:, 1:].sum() if "loss_weight" in batch else (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        weights = [
+            batch["loss_weight"][:, 1:] if "loss_weight" in batch else batch["labels"][:, 1:] != IGNORE_INDEX
             for batch in batch_samples
-        ).to(device=device, dtype=torch.float32)
+        ]
+        total = sum(w.sum() for w in weights).to(device=device, dtype=torch.float32)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return total

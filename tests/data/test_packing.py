@@ -1,10 +1,12 @@
-"""Packing samples into rows: first-fit decreasing, and sample lengths read back from a batch."""
+"""Packing samples into rows (first-fit decreasing), sample lengths read back from a batch, and packed training
+computing what unpacked training does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from internvl.data.collate import InternVLDataCollator
 from internvl.data.packing import pack_rows, sample_lengths
 
 
@@ -33,27 +35,6 @@ def test_sample_lengths_of_packed_and_unpacked_batches():
 # --- packed training computes what unpacked training does ---------------------------------------------------------
 
 
-def video_samples(tokenizer, num_image_token: int) -> list[dict]:
-    """Video-like samples of 1-2 frames (one tile each) and summaries of very different lengths."""
-    from internvl.conversation import video_frame_prompt
-    from internvl.data.tokenize import preprocess_conversation
-
-    words = "a red circle moves to the right while a blue square grows and then turns green".split()
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for frames, answer_words in [(1, 3), (1, 40), (2, 12), (1, 1)]:
-        question = video_frame_prompt(frames) + "Summarize the video."
-        answer = " ".join(words[i % len(words)] for i in range(answer_words))
-        conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        tokens = preprocess_conversation(conversation, tokenizer, [num_image_token] * frames)
-        samples.append({
-            **tokens,
-            "pixel_values": torch.randn(frames, 3, 448, 448, generator=generator),
-            "image_flags": torch.ones(frames, dtype=torch.long),
-        })  # fmt: skip
-    return samples
-
-
 def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
     loss = model(**batch, return_logits=False).loss
@@ -62,11 +43,9 @@ def loss_and_lora_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("reduction", ["token", "square"])
-def test_packed_loss_and_gradients_equal_unpacked(tiny_lora_model, tiny_tokenizer, reduction):
-    from internvl.data.collate import InternVLDataCollator
-
-    samples = video_samples(tiny_tokenizer, tiny_lora_model.num_image_token)
-    lengths = [len(s["input_ids"]) for s in samples]
+def test_packed_loss_and_gradients_equal_unpacked(tiny_lora_model, tiny_tokenizer, tiny_video_samples, reduction):
+    samples = tiny_video_samples
+    lengths = [len(sample["input_ids"]) for sample in samples]
     unpacked = InternVLDataCollator(tiny_tokenizer.pad_token_id, loss_reduction=reduction)(samples)
     packed = InternVLDataCollator(tiny_tokenizer.pad_token_id, loss_reduction=reduction,
                                   max_packed_tokens=max(lengths) + 300)(samples)  # fmt: skip
@@ -80,11 +59,9 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_lora_model, tiny_tokenize
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
-def test_attention_does_not_cross_samples_in_a_row(tiny_lora_model, tiny_tokenizer):
+def test_attention_does_not_cross_samples_in_a_row(tiny_lora_model, tiny_tokenizer, tiny_video_samples):
     # Without the restarting positions (one sequence per row) the samples would see each other, and the loss moves.
-    from internvl.data.collate import InternVLDataCollator
-
-    samples = video_samples(tiny_tokenizer, tiny_lora_model.num_image_token)
+    samples = tiny_video_samples
     packed = InternVLDataCollator(tiny_tokenizer.pad_token_id, max_packed_tokens=4096)(samples)
     assert packed["input_ids"].shape[0] == 1
     one_sequence = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)}

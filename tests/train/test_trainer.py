@@ -1,15 +1,31 @@
-"""The trainer's length-grouped sampler: the dataset's precomputed lengths, never a decoded sample."""
+"""The trainer: length-grouped batches from the dataset's precomputed lengths (never a decoded sample), and a loss
+normalized over the whole optimizer step, so gradients do not depend on how a step is split into batches,
+accumulation steps or processes.
+
+Run as a script (under torchrun), this file is the worker of the 2-process test: see ``distributed_worker``.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # started by torchrun as a file: make the packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.data.collate import InternVLDataCollator
-from internvl.model.loading import load_internvl_model
+from internvl.model.loading import load_internvl_model, load_tokenizer
 from internvl.train.arguments import parse_args
 from internvl.train.trainer import InternVLTrainer
+from tests.conftest import _tiny_lora_model
 
 
 class LengthsOnlyDataset(torch.utils.data.Dataset):
@@ -71,3 +87,172 @@ def test_a_model_with_nothing_to_train_is_refused(tiny_model_dir, tmp_path):
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         make_trainer(frozen, LengthsOnlyDataset([1]), tmp_path)
+
+
+# --- loss normalized over the optimizer step ------------------------------------------------------------------------
+
+
+class GradientRecorder(TrainerCallback):
+    """The trainable parameters' gradients just before the optimizer step (without DeepSpeed)."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def one_step_args(output_dir, batch_size: int, accumulation: int, *extra: str):
+    return ["--model_name_or_path", "m", "--meta_path", "x", "--output_dir", str(output_dir), "--max_steps", "1",
+            "--per_device_train_batch_size", str(batch_size), "--gradient_accumulation_steps", str(accumulation),
+            "--max_grad_norm", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+            "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0", *extra]  # fmt: skip
+
+
+def train_one_step(model, samples, pad_token_id, argv) -> tuple[dict[str, torch.Tensor], float]:
+    """Gradients of one optimizer step (learning rate 0, so the model is left as it was) and the logged loss."""
+    _, data_args, args = parse_args(argv + ["--learning_rate", "0"])
+    recorder = GradientRecorder(model)
+    collator = InternVLDataCollator(pad_token_id, **data_args.collator_options())
+    trainer = InternVLTrainer(model=model, args=args, train_dataset=ListDataset(samples), data_collator=collator,
+                              callbacks=[recorder], base_model_path="m")  # fmt: skip
+    trainer.train()
+    return recorder.grads, trainer.state.log_history[0]["loss"]
+
+
+def whole_batch_loss_and_grads(model, samples, pad_token_id, reduction: str):
+    """The reference: every sample of the step in one batch, as the model normalizes it by itself."""
+    model.zero_grad()
+    batch = InternVLDataCollator(pad_token_id, loss_reduction=reduction)(samples)
+    loss = model(**batch, return_logits=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.item(), grads
+
+
+def assert_same_grads(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert expected and actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_gradients_do_not_depend_on_how_the_step_is_split(
+    tiny_lora_model, tiny_tokenizer, tiny_video_samples, tmp_path, reduction
+):
+    model, samples, pad = without_dropout(tiny_lora_model), tiny_video_samples, tiny_tokenizer.pad_token_id
+    loss, grads = whole_batch_loss_and_grads(model, samples, pad, reduction)
+    if reduction == "token":
+        # Summaries of 1 to 40 words: a mean of per-batch means would weigh the tokens differently.
+        batch_means = [whole_batch_loss_and_grads(model, [sample], pad, reduction)[0] for sample in samples]
+        assert abs(sum(batch_means) / len(batch_means) - loss) > 1e-2
+    extra = ["--loss_reduction", reduction]
+    for batch_size, accumulation in [(1, 4), (4, 1), (2, 2)]:
+        step_grads, logged_loss = train_one_step(
+            model, samples, pad, one_step_args(tmp_path / f"{batch_size}x{accumulation}", batch_size, accumulation,
+                                               *extra)
+        )  # fmt: skip
+        assert_same_grads(step_grads, grads)
+        # The logged loss is the step's (weighted) mean per token, however the step was split.
+        assert logged_loss == pytest.approx(loss, abs=1e-5)
+
+
+def test_evaluation_computes_the_loss_without_full_logits(
+    tiny_lora_model, tiny_tokenizer, tiny_video_samples, tmp_path
+):
+    model, samples, pad = without_dropout(tiny_lora_model), tiny_video_samples, tiny_tokenizer.pad_token_id
+    loss, _ = whole_batch_loss_and_grads(model, samples, pad, "token")
+    _, _, args = parse_args(one_step_args(tmp_path, 1, 1, "--per_device_eval_batch_size", "4"))
+    trainer = InternVLTrainer(model=model, args=args, data_collator=InternVLDataCollator(pad), base_model_path="m")
+    logits = []
+    hook = model.register_forward_hook(lambda module, inputs, outputs: logits.append(outputs.logits))
+    try:
+        metrics = trainer.evaluate(ListDataset(samples))
+    finally:
+        hook.remove()
+    assert logits == [None]  # one batch, scored from the supervised positions only
+    assert metrics["eval_loss"] == pytest.approx(loss, abs=1e-5)
+
+
+# The 2-process run: DeepSpeed ZeRO-3 (gradient averaging over processes, its own gradient-accumulation scaling) with
+# a plain SGD step, so the weights after one step are the initial weights minus the learning rate times the gradient.
+ZERO3_WITH_TRAINER_OPTIMIZER = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+SGD_LEARNING_RATE = 0.5
+
+
+def distributed_worker(model_dir: str, initial_weights: str, output_dir: str, ds_config: str) -> None:
+    """One process of the 2-process run: 1 sample per process x 2 accumulation steps x 2 processes, one SGD step;
+    rank 0 writes the trained weights and the logged loss."""
+    from internvl.train.checkpoint import gather_trainable_state_dict
+    from tests.conftest import _tiny_lora_model, make_tiny_video_samples
+
+    model = without_dropout(_tiny_lora_model(model_dir))
+    model.load_state_dict(load_file(initial_weights), strict=False)
+    tokenizer = load_tokenizer(model_dir)
+    samples = make_tiny_video_samples(tokenizer, model.num_image_token)
+    _, data_args, args = parse_args(
+        one_step_args(output_dir, 1, 2, "--deepspeed", ds_config, "--optim", "sgd", "--learning_rate",
+                      str(SGD_LEARNING_RATE), "--lr_scheduler_type", "constant")
+    )  # fmt: skip
+    collator = InternVLDataCollator(tokenizer.pad_token_id, **data_args.collator_options())
+    trainer = InternVLTrainer(model=model.train(), args=args, train_dataset=ListDataset(samples),
+                              data_collator=collator, base_model_path=model_dir)  # fmt: skip
+    trainer.train()
+    state = gather_trainable_state_dict(trainer.model)
+    if args.should_save:
+        save_file(state, str(Path(output_dir) / "trained.safetensors"))
+        logged = {"loss": trainer.state.log_history[0]["loss"], "world_size": args.world_size}
+        (Path(output_dir) / "logged.json").write_text(json.dumps(logged))
+
+
+@pytest.mark.e2e
+def test_two_processes_under_zero3_equal_one_batch(tiny_model_dir, tiny_tokenizer, tiny_video_samples, tmp_path):
+    from tests.scripts.test_finetune import free_port, run_env
+
+    model = without_dropout(_tiny_lora_model(tiny_model_dir))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(initial, str(tmp_path / "initial.safetensors"))
+    loss, grads = whole_batch_loss_and_grads(model, tiny_video_samples, tiny_tokenizer.pad_token_id, "token")
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_WITH_TRAINER_OPTIMIZER))
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), __file__, str(tiny_model_dir), str(tmp_path / "initial.safetensors"),
+               str(tmp_path / "run"), str(ds_config)]  # fmt: skip
+    result = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    logged = json.loads((tmp_path / "run" / "logged.json").read_text())
+    assert logged["world_size"] == 2
+    assert logged["loss"] == pytest.approx(loss, abs=1e-5)
+    trained = load_file(tmp_path / "run" / "trained.safetensors")
+    step = {name: (initial[name] - trained[name]) / SGD_LEARNING_RATE for name in initial}
+    assert_same_grads(step, grads)
+
+
+if __name__ == "__main__":
+    distributed_worker(*sys.argv[1:])
