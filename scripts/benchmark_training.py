@@ -39,6 +39,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--per-device-batch-size", type=int, default=4, help="default: %(default)s")
     parser.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video sample (default: %(default)s)")
+    parser.add_argument(
+        "--summary-tokens", type=int, nargs=2, metavar=("FEWEST", "MOST"),
+        help="summaries of FEWEST to MOST tokens, spread evenly (default: one 77-token summary for all samples)",
+    )  # fmt: skip
     parser.add_argument("--max-seq-length", type=int, default=8192, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="unmeasured first steps (default: %(default)s)")
@@ -61,6 +65,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for name in ("per_device_batch_size", "grad_accum", "frames", "max_seq_length", "steps", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.summary_tokens and not 1 <= args.summary_tokens[0] <= args.summary_tokens[1]:
+        parser.error("--summary-tokens FEWEST MOST needs 1 <= FEWEST <= MOST")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be 0 or more")
     return args, argv[split + 1 :]
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         per_device_batch_size=args.per_device_batch_size,
         gradient_accumulation_steps=args.grad_accum,
         frames=args.frames,
+        summary_tokens=tuple(args.summary_tokens) if args.summary_tokens else None,
         max_seq_length=args.max_seq_length,
         steps=args.steps,
         warmup_steps=args.warmup_steps,

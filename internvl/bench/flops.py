@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from internvl.constants import IGNORE_INDEX
+from internvl.data.packing import sample_lengths
 from internvl.model.dims import ModelDims
 
 # Dense BF16 tensor-core rate of an H100 / H200 SXM (vendor datasheet), per GPU.
@@ -22,10 +23,10 @@ class BatchCounts:
     frames: int = 0  # real image tiles / video frames (image_flags == 1)
 
     def add(self, batch: dict) -> None:
-        lengths = batch["attention_mask"].sum(dim=1).long().cpu()
-        self.samples += int(lengths.numel())
-        self.tokens += int(lengths.sum())
-        self.squared_lengths += int((lengths**2).sum())
+        lengths = sample_lengths(batch)  # packed or not
+        self.samples += len(lengths)
+        self.tokens += sum(lengths)
+        self.squared_lengths += sum(n * n for n in lengths)
         self.supervised_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.frames += int(batch["image_flags"].sum()) if "image_flags" in batch else 0
 

@@ -14,7 +14,7 @@ from internvl.data.files import atomic_directory
 TINY_MODEL = "tiny"
 
 VIDEO_QUESTION = "<video>\nSummarize what happens in this video."
-# One fixed answer: every sample then has the same length, so tokens per step follow from the batch shape.
+# One fixed answer by default: every sample then has the same length, so tokens per step follow from the batch shape.
 VIDEO_SUMMARY = (
     "A red circle starts in the top left corner of a white frame and moves slowly to the bottom right corner, "
     "while a blue square in the centre grows larger and then turns green. Near the end a yellow triangle rotates "
@@ -77,10 +77,35 @@ def write_random_checkpoint(model_config: str, output_dir: str) -> None:
         build_tiny_tokenizer().save_pretrained(staging)
 
 
-def prepare_videos(output_dir: str | Path, *, num_frames: int, num_samples: int, num_videos: int = 8) -> Path:
+def summaries_of_lengths(tokenizer, lengths: list[int]) -> list[str]:
+    """Summaries of about ``lengths[i]`` tokens each: the start of ``VIDEO_SUMMARY`` repeated as often as needed."""
+    ids = tokenizer(VIDEO_SUMMARY + " ", add_special_tokens=False)["input_ids"]
+    ids = ids * (max(lengths) // len(ids) + 1)
+    return [tokenizer.decode(ids[:n]).strip() for n in lengths]
+
+
+def prepare_videos(
+    output_dir: str | Path,
+    *,
+    num_frames: int,
+    num_samples: int,
+    num_videos: int = 8,
+    summary_tokens: tuple[int, int] | None = None,
+    tokenizer=None,
+) -> Path:
     """``num_videos`` frame-folder clips of ``num_frames`` 448-px JPEG frames and ``num_samples`` summarization
-    records cycling over them; returns the ``meta.json`` path. Rewritten on every call (it takes a second)."""
+    records cycling over them; returns the ``meta.json`` path. Rewritten on every call (it takes a second).
+
+    Every record has the same summary, unless ``summary_tokens`` = ``(fewest, most)``: then summary lengths (in
+    ``tokenizer`` tokens) are spread evenly over that range, in a shuffled order (fixed seed)."""
     from internvl.data.demo import COLOURS, MOTIONS, SHAPES, MovingShape, render_frames
+
+    summaries = [VIDEO_SUMMARY] * num_samples
+    if summary_tokens is not None:
+        fewest, most = summary_tokens
+        lengths = [fewest + (most - fewest) * i // max(num_samples - 1, 1) for i in range(num_samples)]
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(0)).tolist()
+        summaries = summaries_of_lengths(tokenizer, [lengths[i] for i in order])
 
     output_dir = Path(output_dir)
     colours, motions = list(COLOURS), list(MOTIONS)
@@ -99,7 +124,7 @@ def prepare_videos(output_dir: str | Path, *, num_frames: int, num_samples: int,
                 "video": f"clip_{i % num_videos:03d}/",
                 "conversations": [
                     {"from": "human", "value": VIDEO_QUESTION},
-                    {"from": "gpt", "value": VIDEO_SUMMARY},
+                    {"from": "gpt", "value": summaries[i]},
                 ],
             }
             for i in range(num_samples)

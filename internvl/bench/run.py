@@ -20,6 +20,7 @@ from internvl.bench import worker
 from internvl.bench.flops import DEFAULT_PEAK_TFLOPS
 from internvl.bench.inputs import prepare_checkpoint, prepare_videos
 from internvl.constants import INTERNVL3_8B_CONFIG
+from internvl.model.loading import load_tokenizer
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV, resolve_plan, visible_gpu_count
 from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
 
@@ -34,6 +35,7 @@ class BenchmarkSettings:
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     frames: int = 16
+    summary_tokens: tuple[int, int] | None = None  # (fewest, most) summary tokens; default: one fixed summary
     max_seq_length: int = 8192
     steps: int = 2  # measured optimizer steps
     warmup_steps: int = 1
@@ -116,6 +118,8 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
         meta_path.parent,
         num_frames=settings.frames,
         num_samples=(settings.warmup_steps + settings.steps) * plan.batch_size,
+        summary_tokens=settings.summary_tokens,
+        tokenizer=load_tokenizer(checkpoint) if settings.summary_tokens else None,
     )
     log(" ".join(command))
     with open(log_path, "w", encoding="utf-8") as log_file:

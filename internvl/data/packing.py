@@ -41,6 +41,13 @@ def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
+def packed_token_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """True on the sample tokens of packed rows, False on padding: a padding token has position 0 and is not
+    followed by position 1 (a sample is never one token long)."""
+    following = torch.cat([position_ids[:, 1:], torch.zeros_like(position_ids[:, :1])], dim=1)
+    return (position_ids != 0) | (following == 1)
+
+
 def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     """The token count of every sample in a batch, packed or not (padding excluded)."""
     if "attention_mask" in batch:

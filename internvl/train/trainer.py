@@ -24,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.constants import IGNORE_INDEX
+from internvl.data.packing import packed_token_mask
 from internvl.train.callbacks import ThroughputMeter
 from internvl.train.checkpoint import gather_trainable_state_dict, load_trained_weights, save_trained_weights
 
@@ -83,6 +84,13 @@ class InternVLTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         return total
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        # A packed batch has no attention mask (see internvl.data.packing); without one the stock count would fall
+        # back to counting the main input, pixel_values.
+        if "attention_mask" not in inputs and "position_ids" in inputs:
+            inputs = {**inputs, "attention_mask": packed_token_mask(inputs["position_ids"])}
+        super()._track_num_input_tokens(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.prediction_loss_only and not model.training:

@@ -8,6 +8,7 @@ import torch
 
 from internvl.bench.flops import BatchCounts, training_flops
 from internvl.constants import IGNORE_INDEX, INTERNVL3_8B_CONFIG
+from internvl.data.collate import InternVLDataCollator
 from internvl.model.configuration import InternVLChatConfig
 from internvl.tools.resource_estimates import estimate_disk_usage, estimate_gpu_memory, nf4_bytes_per_param
 from tests.model.test_dims import LORA_RANK, internvl3_8b_counts, internvl3_8b_dims
@@ -73,3 +74,17 @@ def test_batch_counts_read_lengths_supervision_and_frames_from_a_collated_batch(
     assert (counts.supervised_tokens, counts.frames) == (5, 2)
     counts += counts
     assert (counts.samples, counts.tokens, counts.frames) == (4, 16, 4)
+
+
+def test_batch_counts_are_the_same_packed_or_not(tiny_tokenizer, tiny_video_samples):
+    counts = {}
+    for max_packed_tokens in (None, 4096):
+        batch = InternVLDataCollator(tiny_tokenizer.pad_token_id, max_packed_tokens=max_packed_tokens)(
+            tiny_video_samples
+        )
+        counts[max_packed_tokens] = BatchCounts()
+        counts[max_packed_tokens].add(batch)
+    lengths = [len(sample["input_ids"]) for sample in tiny_video_samples]
+    assert counts[None] == counts[4096]
+    assert (counts[None].samples, counts[None].tokens) == (4, sum(lengths))
+    assert counts[None].squared_lengths == sum(n * n for n in lengths)

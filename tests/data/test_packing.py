@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from internvl.data.collate import InternVLDataCollator
-from internvl.data.packing import pack_rows, sample_lengths
+from internvl.data.packing import pack_rows, packed_token_mask, sample_lengths
 
 
 def test_rows_hold_whole_samples_within_the_limit():
@@ -30,6 +30,7 @@ def test_sample_lengths_of_packed_and_unpacked_batches():
     # Padding has position 0: a one-token sequence, not a sample.
     packed = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])}
     assert sample_lengths(packed) == [3, 2, 7]
+    assert packed_token_mask(packed["position_ids"]).int().tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
 
 
 # --- packed training computes what unpacked training does ---------------------------------------------------------

@@ -127,15 +127,16 @@ def one_step_args(output_dir, batch_size: int, accumulation: int, *extra: str):
             "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "0", *extra]  # fmt: skip
 
 
-def train_one_step(model, samples, pad_token_id, argv) -> tuple[dict[str, torch.Tensor], float]:
-    """Gradients of one optimizer step (learning rate 0, so the model is left as it was) and the logged loss."""
+def train_one_step(model, samples, pad_token_id, argv) -> tuple[dict[str, torch.Tensor], float, int]:
+    """Gradients of one optimizer step (learning rate 0, so the model is left as it was), the logged loss and the
+    input tokens the trainer counted."""
     _, data_args, args = parse_args(argv + ["--learning_rate", "0"])
     recorder = GradientRecorder(model)
     collator = InternVLDataCollator(pad_token_id, **data_args.collator_options())
     trainer = InternVLTrainer(model=model, args=args, train_dataset=ListDataset(samples), data_collator=collator,
                               callbacks=[recorder], base_model_path="m")  # fmt: skip
     trainer.train()
-    return recorder.grads, trainer.state.log_history[0]["loss"]
+    return recorder.grads, trainer.state.log_history[0]["loss"], trainer.state.num_input_tokens_seen
 
 
 def whole_batch_loss_and_grads(model, samples, pad_token_id, reduction: str):
@@ -165,15 +166,15 @@ def test_gradients_do_not_depend_on_how_the_step_is_split(
         # Summaries of 1 to 40 words: a mean of per-batch means would weigh the tokens differently.
         batch_means = [whole_batch_loss_and_grads(model, [sample], pad, reduction)[0] for sample in samples]
         assert abs(sum(batch_means) / len(batch_means) - loss) > 1e-2
-    extra = ["--loss_reduction", reduction]
-    for batch_size, accumulation in [(1, 4), (4, 1), (2, 2)]:
-        step_grads, logged_loss = train_one_step(
-            model, samples, pad, one_step_args(tmp_path / f"{batch_size}x{accumulation}", batch_size, accumulation,
-                                               *extra)
-        )  # fmt: skip
+    packed = ["--use_packed_ds", "True", "--max_seq_length", "4096"]  # rows of up to 4096 tokens
+    for batch_size, accumulation, packing in [(1, 4, []), (4, 1, []), (2, 2, []), (2, 2, packed)]:
+        step_grads, logged_loss, tokens_seen = train_one_step(model, samples, pad, one_step_args(
+            tmp_path / f"{batch_size}x{accumulation}", batch_size, accumulation, "--loss_reduction", reduction, *packing
+        ))  # fmt: skip
         assert_same_grads(step_grads, grads)
         # The logged loss is the step's (weighted) mean per token, however the step was split.
         assert logged_loss == pytest.approx(loss, abs=1e-5)
+        assert tokens_seen == sum(len(sample["input_ids"]) for sample in samples)
 
 
 def test_evaluation_computes_the_loss_without_full_logits(
