@@ -1,7 +1,7 @@
 """Packing (``--use_packed_ds True``): the samples of a batch share rows of at most ``max_packed_tokens`` tokens.
 
-A batch of ``per_device_train_batch_size`` samples is laid into as few rows as first-fit decreasing finds, instead
-of one row per sample padded to the longest; padding then only fills the end of each row. Attention stays within
+A batch of ``per_device_train_batch_size`` samples is laid into rows (first-fit decreasing, at the row length that
+leaves the least padding) instead of one row per sample padded to the longest sample. Attention stays within
 each sample: packed batches carry no ``attention_mask``, and ``position_ids`` restart at 0 with every sample. From
 those position ids transformers builds a block-diagonal causal mask for SDPA and eager attention (the recipe loads
 SDPA); its flash-attention path detects packing the same way, but only in a batch of one row. Padding tokens have
@@ -20,21 +20,37 @@ import torch
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Sample indices grouped into rows of at most ``max_tokens`` tokens, longest samples first (first-fit
-    decreasing). Deterministic; a sample longer than ``max_tokens`` is an error."""
-    too_long = [n for n in lengths if n > max_tokens]
-    if too_long:
+    """Sample indices grouped into rows of at most ``max_tokens`` tokens, with the least padding once the rows are
+    padded to the longest: first-fit decreasing at ``max_tokens`` and at each row length, from the longest sample
+    up, that could hold the batch in 1, 2, ... rows. At the longest sample's length there are never more rows than
+    samples, so a packed batch never holds more tokens than the unpacked one. Deterministic; a sample longer than
+    ``max_tokens`` is an error."""
+    longest, total = max(lengths), sum(lengths)
+    if longest > max_tokens:
         raise ValueError(
-            f"a sample of {max(too_long)} tokens does not fit a packed row of max_packed_tokens {max_tokens}; "
+            f"a sample of {longest} tokens does not fit a packed row of max_packed_tokens {max_tokens}; "
             "--max_packed_tokens must be at least --max_seq_length"
         )
+    # Row lengths to try: what would hold the batch in 1, 2, ... rows, and the limit itself.
+    candidates = {max(longest, -(-total // num_rows)) for num_rows in range(1, len(lengths) + 1)} | {max_tokens}
+    best, best_size = [], None
+    # From short rows to long ones: on a tie the shorter rows win (less attention work per row).
+    for row_length in sorted(c for c in candidates if c <= max_tokens):
+        rows = _first_fit_decreasing(lengths, row_length)
+        size = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_size is None or size < best_size:
+            best, best_size = rows, size
+    return best
+
+
+def _first_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
         if row is None:
             rows.append([index])
-            room.append(max_tokens - lengths[index])
+            room.append(row_length - lengths[index])
         else:
             rows[row].append(index)
             room[row] -= lengths[index]

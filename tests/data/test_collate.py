@@ -73,20 +73,20 @@ def test_packed_rows_keep_each_sample_apart():
     samples = [_trained(2, 3, 10), _trained(2, 2, 20), _trained(1, 2, 30), _trained(2, 5, 40)]  # 5, 4, 3, 7 tokens
     batch = InternVLDataCollator(pad_token_id=99, loss_reduction="sample", max_packed_tokens=8)(samples)
     assert "attention_mask" not in batch  # transformers derives the block-diagonal mask from position_ids
-    # First-fit decreasing: [7], [5, 3], [4]; rows padded to 8 with position 0.
+    # Rows of 7 (the longest sample) leave the least padding: [7], [5], [4, 3]; shorter rows padded with position 0.
     assert batch["input_ids"].tolist() == [
-        [40, 41, 42, 43, 44, 45, 46, 99],
-        [10, 11, 12, 13, 14, 30, 31, 32],
-        [20, 21, 22, 23, 99, 99, 99, 99],
+        [40, 41, 42, 43, 44, 45, 46],
+        [10, 11, 12, 13, 14, 99, 99],
+        [20, 21, 22, 23, 30, 31, 32],
     ]
     assert batch["position_ids"].tolist() == [
-        [0, 1, 2, 3, 4, 5, 6, 0],
-        [0, 1, 2, 3, 4, 0, 1, 2],
-        [0, 1, 2, 3, 0, 0, 0, 0],
+        [0, 1, 2, 3, 4, 5, 6],
+        [0, 1, 2, 3, 4, 0, 0],
+        [0, 1, 2, 3, 0, 1, 2],
     ]
     # A sample's first token is never a target, even where the previous sample's last token would predict it.
-    assert batch["labels"][1].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 12, 13, 14, IGNORE_INDEX, 31, 32]
+    assert batch["labels"][2].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 22, 23, IGNORE_INDEX, 31, 32]
     # Each sample keeps its own weights: 1/n of its trained tokens.
-    assert batch["loss_weight"][1].tolist() == pytest.approx([0, 0, 1 / 3, 1 / 3, 1 / 3, 0, 1 / 2, 1 / 2])
+    assert batch["loss_weight"][2].tolist() == pytest.approx([0, 0, 1 / 2, 1 / 2, 0, 1 / 2, 1 / 2])
     # Tiles follow the samples' order in the rows.
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [7.0, 5.0, 3.0, 4.0]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [7.0, 5.0, 4.0, 3.0]

@@ -19,6 +19,19 @@ def test_rows_hold_whole_samples_within_the_limit():
     assert rows == pack_rows(lengths, 10)  # deterministic
 
 
+def test_rows_leave_the_least_padding():
+    # Rows as long as the longest sample: [9], [5, 3], 18 tokens once padded. Rows of up to 17: one row, no padding.
+    assert pack_rows([9, 5, 3], 9) == [[0], [1, 2]]
+    assert pack_rows([9, 5, 3], 17) == [[0, 1, 2]]
+    # Filling rows up to the limit is not always the least padding: rows of 10 give [6, 4] + [5, 3] (2 x 10 tokens),
+    # rows of 9 give [6, 3] + [5, 4] (2 x 9).
+    assert pack_rows([6, 5, 4, 3], 10) == [[0, 3], [1, 2]]
+    # Never more tokens than one row per sample.
+    for lengths, limit in [([10, 5, 4], 12), ([3, 3, 3], 5), ([6, 1, 1, 1, 1, 1, 1], 7), ([4, 4, 4, 4, 1], 9)]:
+        rows = pack_rows(lengths, limit)
+        assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) <= len(lengths) * max(lengths)
+
+
 def test_a_sample_longer_than_a_row_is_an_error():
     with pytest.raises(ValueError, match="at least --max_seq_length"):
         pack_rows([3, 12], 10)
