@@ -67,3 +67,8 @@ if [ -n "${BASELINE:-}" ] && wanted baseline; then
   echo "baseline rc=$? | $(tail -1 "$R/plain_baseline.log")"
 fi
 wait; pack
+# Variable-length data on one GPU: 8-32 frames (the recipe's draw from 32-frame videos), summaries of 20-200 tokens;
+# one sample per row, then packed (same seed: the same samples).
+varlen=(--deepspeed zero_stage3_config.json --nproc-per-node 1 --frames 32 --summary-tokens 20 200 --steps 4)
+run varlen_unpacked 300 "${varlen[@]}" -- --min_num_frame 8
+run varlen_packed 300 "${varlen[@]}" -- --min_num_frame 8 --use_packed_ds True

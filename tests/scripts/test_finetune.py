@@ -189,6 +189,25 @@ def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir
     assert json.loads((output_dir / "train_results.json").read_text())["train_bad_samples"] == 0
 
 
+def test_guide_command_with_packing_trains_and_evaluates(tiny_model_dir, demo_meta, tmp_path):
+    output_dir = tmp_path / "run"
+    argv = guide_argv(
+        master_port=str(free_port()), model_name_or_path=str(tiny_model_dir), output_dir=str(output_dir),
+        meta_path=str(demo_meta), dataloader_num_workers="1", num_train_epochs="2",
+        per_device_train_batch_size="2", gradient_accumulation_steps="1", eval_steps="2", save_steps="2",
+        learning_rate="2e-3", logging_steps="1", max_seq_length="1024",
+    ) + SMALL_RUN + ["--use_packed_ds", "True", "--loss_reduction", "square"]  # fmt: skip
+    result = subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(result)
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4  # 5 videos / 4 per step
+    losses = train_losses(output_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(loss) for loss in losses.values())
+    # A random tiny model predicts about uniformly over its 1,920 tokens: the mean loss per token is near ln(1920).
+    assert 0.5 * math.log(1920) < losses[1] < 1.5 * math.log(1920)
+    assert "eval_loss" in (output_dir / "training_log.txt").read_text()
+    assert json.loads((output_dir / "train_results.json").read_text())["train_bad_samples"] == 0
+
+
 def test_two_nodes_with_every_parameter_partitioned(tiny_model_dir, demo_meta, tmp_path):
     # Persistence threshold 0: ZeRO-3 partitions even the tiny model's parameters, LoRA weights included.
     ds_config = json.loads((REPO / "configs" / "zero_stage3_config.json").read_text())
