@@ -143,16 +143,22 @@ def demo_meta(demo_videos_dir, tmp_path_factory) -> Path:
     return output_dir / "meta.json"
 
 
-def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir, demo_meta, tmp_path):
-    output_dir = tmp_path / "run"
-    argv = guide_argv(
-        master_port=str(free_port()), model_name_or_path=str(tiny_model_dir), output_dir=str(output_dir),
-        meta_path=str(demo_meta), dataloader_num_workers="1", num_train_epochs="3",
-        per_device_train_batch_size="1", gradient_accumulation_steps="1", eval_steps="3", save_steps="3",
-        learning_rate="2e-3", logging_steps="1", max_seq_length="1024",
-    ) + SMALL_RUN  # fmt: skip
+def run_small_guide_command(model_dir, meta, output_dir, *extra: str, **values: str):
+    """The guide command on 2 processes with the tiny model and demo data, small numbers; ``values`` replace flag
+    values of the guide, ``extra`` flags come last."""
+    small = dict(master_port=str(free_port()), model_name_or_path=str(model_dir), output_dir=str(output_dir),
+                 meta_path=str(meta), dataloader_num_workers="1", gradient_accumulation_steps="1",
+                 learning_rate="2e-3", logging_steps="1", max_seq_length="1024")  # fmt: skip
+    argv = guide_argv(**{**small, **values}) + SMALL_RUN + list(extra)
     result = subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     check_run(result)
+    return result
+
+
+def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir, demo_meta, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_small_guide_command(tiny_model_dir, demo_meta, output_dir, num_train_epochs="3",
+                                     per_device_train_batch_size="1", eval_steps="3", save_steps="3")  # fmt: skip
     # DeepSpeed's deprecated torch.distributed calls would otherwise warn on every step of every process.
     assert "is deprecated. Please use `torch.distributed" not in result.stdout + result.stderr
 
@@ -191,14 +197,9 @@ def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir
 
 def test_guide_command_with_packing_trains_and_evaluates(tiny_model_dir, demo_meta, tmp_path):
     output_dir = tmp_path / "run"
-    argv = guide_argv(
-        master_port=str(free_port()), model_name_or_path=str(tiny_model_dir), output_dir=str(output_dir),
-        meta_path=str(demo_meta), dataloader_num_workers="1", num_train_epochs="2",
-        per_device_train_batch_size="2", gradient_accumulation_steps="1", eval_steps="2", save_steps="2",
-        learning_rate="2e-3", logging_steps="1", max_seq_length="1024",
-    ) + SMALL_RUN + ["--use_packed_ds", "True", "--loss_reduction", "square"]  # fmt: skip
-    result = subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    check_run(result)
+    run_small_guide_command(tiny_model_dir, demo_meta, output_dir, "--use_packed_ds", "True", "--loss_reduction",
+                            "square", num_train_epochs="2", per_device_train_batch_size="2", eval_steps="2",
+                            save_steps="2")  # fmt: skip
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4  # 5 videos / 4 per step
     losses = train_losses(output_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(loss) for loss in losses.values())
