@@ -75,7 +75,7 @@ class DataTrainingArguments:
         },
     )
     max_packed_tokens: int | None = field(
-        default=None, metadata={"help": "Tokens per packed row (default: --max_seq_length; at least that)."}
+        default=None, metadata={"help": "Most tokens in a packed row: at least --max_seq_length, which it defaults to."}
     )
     loss_reduction: str = field(
         default="token",
