@@ -85,7 +85,7 @@ def make_tiny_video_samples(tokenizer, num_image_token: int, seed: int = 0) -> l
     import torch
 
     from internvl.conversation import video_frame_prompt
-    from internvl.data.tokenize import preprocess_conversation
+    from internvl.data import Role, Turn, preprocess_conversation
 
     words = "a red circle moves to the right while a blue square grows and then turns green".split()
     generator = torch.Generator().manual_seed(seed)
@@ -93,8 +93,8 @@ def make_tiny_video_samples(tokenizer, num_image_token: int, seed: int = 0) -> l
     for frames, answer_words in [(1, 3), (1, 40), (2, 12), (1, 1)]:
         question = video_frame_prompt(frames) + "Summarize the video."
         answer = " ".join(words[i % len(words)] for i in range(answer_words))
-        conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        tokens = preprocess_conversation(conversation, tokenizer, [num_image_token] * frames)
+        turns = [Turn(Role.HUMAN, question), Turn(Role.GPT, answer)]
+        tokens = preprocess_conversation(turns, tokenizer, [num_image_token] * frames)
         samples.append({
             **tokens,
             "pixel_values": torch.randn(frames, 3, 448, 448, generator=generator),
