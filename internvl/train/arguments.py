@@ -37,6 +37,35 @@ class ModelArguments:
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank R on the vision tower (alpha 2R)."})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank R on the LLM (alpha 2R, dropout 0.05)."})
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM."})
+    grad_checkpoint_skip_layers: str = field(
+        default="0",
+        metadata={
+            "help": "With --grad_checkpoint: how many of the last LLM decoder layers keep their activations instead of "
+            "being recomputed in backward (faster, more GPU memory). A number, or 'auto': as many as fit the GPU "
+            "memory (--grad_checkpoint_memory_gb) by the setup check's estimate for --max_seq_length tokens per "
+            "sample. 0 checkpoints every layer."
+        },
+    )
+    grad_checkpoint_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "GPU memory per process (GiB) that --grad_checkpoint_skip_layers auto plans for; default: "
+                          "what the GPU holds."},
+    )
+
+    def __post_init__(self):
+        self.skip_layers_setting()  # a bad value fails here, before anything loads
+
+    def skip_layers_setting(self) -> int | str:
+        """``--grad_checkpoint_skip_layers`` as a number of layers, or ``"auto"``."""
+        value = str(self.grad_checkpoint_skip_layers).strip().lower()
+        if value == "auto":
+            return value
+        if not value.isdigit():
+            raise ValueError(
+                f"--grad_checkpoint_skip_layers {self.grad_checkpoint_skip_layers!r}: give a number of decoder "
+                "layers (0 checkpoints all of them) or 'auto'."
+            )
+        return int(value)
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the vision tower."})
     ps_version: str = field(default="v2", metadata={"help": "Pixel-shuffle version.", "choices": ["v1", "v2"]})
     use_fast_tokenizer: bool = field(default=False, metadata={"help": "Use the fast tokenizer."})
