@@ -11,6 +11,7 @@ they ask for the official default, in which case they change nothing.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ class ModelArguments:
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank R on the vision tower (alpha 2R)."})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank R on the LLM (alpha 2R, dropout 0.05)."})
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM."})
+    use_liger: bool = field(
+        default=False,
+        metadata={"help": "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM (CUDA GPUs; requirements_gpu.txt)."},
+    )
+    compile_llm_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each LLM decoder layer (regional compilation; the first steps compile)."},
+    )
     grad_checkpoint_skip_layers: str = field(
         default="0",
         metadata={
@@ -136,6 +145,11 @@ class InternVLTrainingArguments(TrainingArguments):
     # (collecting logits over a 150k vocabulary would exhaust memory), and tokens/s needs the token count.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Drop sample keys unknown to forward()."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation computes the loss only."})
+    dataloader_prefetch_factor: int | None = field(
+        default=None,
+        metadata={"help": "Batches each loader worker prepares ahead. Default: enough for the workers to hold one "
+                          "optimizer step's micro-batches (gradient accumulation / workers, at least 2)."},
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding",
         metadata={"help": "Count the input tokens seen (for tokens/s).", "choices": ["non_padding", "all", "no"]},
@@ -143,6 +157,11 @@ class InternVLTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._apply_older_spellings()
+        if self.dataloader_prefetch_factor is None and self.dataloader_num_workers > 0:
+            # The Trainer takes all micro-batches of an optimizer step when the step starts: have them ready.
+            self.dataloader_prefetch_factor = max(
+                2, math.ceil(self.gradient_accumulation_steps / self.dataloader_num_workers)
+            )
         self.deepspeed = resolve_deepspeed_config(self.deepspeed)
         if not self.use_cpu and not torch.cuda.is_available():
             print("No CUDA device found: training on CPU (--use_cpu True).", file=sys.stderr)
@@ -194,7 +213,6 @@ UNSUPPORTED_OFFICIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "mlp_path": (None, "loading a separate projector is not supported; pass a full InternVL checkpoint"),
     "unfreeze_lm_head": (False, "the official flag never trained lm_head (it set an attribute, not requires_grad); "
                                 "train the LLM through --use_llm_lora"),
-    "use_liger": (False, "Liger kernels are not integrated"),
     "use_data_resampling": (False, "square-root dataset resampling is not implemented; set repeat_time per dataset "
                                    "in meta.json"),
     "use_packed_ds": (False, "packed training is not implemented; use --group_by_length True"),

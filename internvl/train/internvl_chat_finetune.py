@@ -34,6 +34,7 @@ from transformers import set_seed
 from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import build_datasets
 from internvl.data.files import atomic_write_text
+from internvl.model.fusion import apply_liger_kernels, check_liger_usable, compile_decoder_layers
 from internvl.model.loading import load_internvl_model, load_tokenizer
 from internvl.tools.plots import plot_training_curves
 from internvl.train.arguments import (
@@ -79,6 +80,8 @@ def check_arguments(model_args: ModelArguments, training_args: InternVLTrainingA
             "--grad_checkpoint_skip_layers leaves layers out of gradient checkpointing, which is off "
             "(--grad_checkpoint False): every layer keeps its activations already; drop one of the two flags."
         )
+    if model_args.use_liger:
+        check_liger_usable()
     if model_args.grad_checkpoint_memory_gb is not None and model_args.grad_checkpoint_memory_gb <= 0:
         raise ValueError(f"--grad_checkpoint_memory_gb must be positive, got {model_args.grad_checkpoint_memory_gb}.")
 
@@ -264,7 +267,11 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         use_fast=model_args.use_fast_tokenizer,
     )
     model = load_model(model_args, data_args, compute_dtype(training_args))
+    if model_args.use_liger:
+        log(apply_liger_kernels(model))
     configure_trainable_parameters(model, model_args)
+    if model_args.compile_llm_layers:
+        log(compile_decoder_layers(model))
     checkpointing_note = leave_layers_out_of_checkpointing(model, model_args, data_args, training_args)
     if checkpointing_note:
         log(checkpointing_note)
