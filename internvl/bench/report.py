@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from internvl.bench.flops import BatchCounts, training_flops
+from internvl.model.checkpointing import checkpointed_layers
 from internvl.model.dims import ModelDims
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV
 
@@ -36,6 +37,7 @@ def describe_run(trainer: BenchmarkTrainer, args) -> dict:
         "load_in_4bit": any(type(p).__name__ == "Params4bit" for p in model.parameters()),
         "lora_rank": model.config.use_llm_lora,
         "gradient_checkpointing": _is_checkpointing(model.base_language_model),
+        "checkpointed_layers": len(checkpointed_layers(model)) if _is_checkpointing(model.base_language_model) else 0,
         "steps": len(trainer.meter.steps),
         "warmup_steps": trainer.warmup_steps,
         "profiled_steps": 1 if trainer.profile_trace else 0,
@@ -65,7 +67,7 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
     if measured_steps < 1 or seconds <= 0:
         raise ValueError(f"no measured steps: {len(main['step_seconds'])} steps ran, {trainer.warmup_steps} warm-up")
     dims = ModelDims.from_config(trainer.model.config)
-    flops = training_flops(dims, counts, lora_rank=run["lora_rank"] or 0, recompute=run["gradient_checkpointing"])
+    flops = training_flops(dims, counts, lora_rank=run["lora_rank"] or 0, recomputed_layers=run["checkpointed_layers"])
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     results = {
         "measured_steps": measured_steps,

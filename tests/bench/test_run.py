@@ -90,6 +90,7 @@ def test_cpu_benchmark_run_reports_figures_consistent_with_the_batches(tmp_path)
     run, results = report["run"], report["results"]
     assert (run["world_size"], run["zero_stage"], run["offload_param"]) == (2, 3, "cpu")
     assert run["load_in_4bit"] and run["lora_rank"] == 32 and run["gradient_checkpointing"]
+    assert run["checkpointed_layers"] == 2  # every decoder layer of the tiny model
 
     # One sample built here from the same data: every sample has its length and supervised-token count.
     work = tmp_path / "work"
