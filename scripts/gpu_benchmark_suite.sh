@@ -7,8 +7,9 @@
 #                          micro-batch (4 x the default run's tokens per sample), or unmodified with BASELINE_FULL=1;
 #                          with 2 GPUs or more it runs on GPU 0 beside the one-GPU run ("one_gpu") on GPU 1
 #   NPROC=1                processes per run (default: the visible GPUs; "one_gpu" always uses 1)
+#   WHEELS=.whl            install the wheels of scripts/gather_gpu_wheels.sh (bitsandbytes, deepspeed, liger-kernel,
+#                          ...) into SITE (default /tmp/site) unless already there, and import from there
 #   FRAMES, BS, ACCUM, CAP (GiB per process), WORK (checkpoint + data folder), MODEL_CONFIG, PYTHON
-# On a machine without bitsandbytes/deepspeed/liger-kernel, install the wheels of scripts/gather_gpu_wheels.sh first.
 # The one-lease plan of issue 11 (1 x H200, three commands of under 10 minutes each) is in docs/BENCHMARKS.md.
 set -u
 cd "$(dirname "$0")/.."
@@ -22,6 +23,11 @@ if [ -z "${WORK:-}" ]; then  # the 16 GB checkpoint loads fastest from memory
   if [ "${shm_free:-0}" -gt 60 ]; then WORK=/dev/shm/bench_work; else WORK=/tmp/bench_work; fi
 fi
 R=${RESULTS:-/tmp/bench_results}; mkdir -p "$R"
+if [ -n "${WHEELS:-}" ]; then
+  SITE=${SITE:-/tmp/site}
+  [ -d "$SITE/deepspeed" ] || "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 pack() {
   "$PYTHON" -m internvl.bench.summary "$R" > /dev/null 2>&1
