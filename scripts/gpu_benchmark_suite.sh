@@ -65,6 +65,9 @@ wait; echo "checkpoint and DeepSpeed's Adam ready after ${SECONDS}s"; pack
 # ZeRO-3 + offload with every parameter of the 8B model under the persistence threshold: the frozen 4-bit base stays
 # whole on each GPU, only the LoRA weights and their optimizer state are partitioned and offloaded.
 "$PYTHON" -c "import json, sys; c = json.load(open('configs/zero_stage3_config.json')); c['zero_optimization']['stage3_param_persistence_threshold'] = 1e9; json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$R/zero3_persistent.json"
+# ZeRO-3 + offload fetching each decoder layer and the vision tower as one unit (DeepSpeed's leaf modules), so that
+# their sub-modules get no fetch/release hooks of their own.
+"$PYTHON" -c "import json, sys; c = json.load(open('configs/zero_stage3_config.json')); c['zero_optimization']['leaf_module'] = {'classes': ['Qwen2DecoderLayer', 'InternVisionModel']}; json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$R/zero3_layer_leaf.json"
 
 run() {  # NAME TIME_LIMIT_S [benchmark options] [-- recipe flags]
   local name=$1 limit=$2; shift 2
@@ -130,6 +133,8 @@ variant() {  # one named variant of the benchmark
     zero2_b1) run zero2_b1 200 --deepspeed zero_stage2_config.json --per-device-batch-size 1 --grad-accum 16 ;;
     zero2_b1_auto) tokens=$(tokens_per_sample); run zero2_b1_auto 200 --deepspeed zero_stage2_config.json --per-device-batch-size 1 --grad-accum 16 --max-seq-length "$tokens" -- --grad_checkpoint_skip_layers auto ;;
     zero2_b2_auto) tokens=$(tokens_per_sample); run zero2_b2_auto 200 --deepspeed zero_stage2_config.json --per-device-batch-size 2 --grad-accum 8 --max-seq-length "$tokens" -- --grad_checkpoint_skip_layers auto ;;
+    # ZeRO-3's own cost: whole decoder layers fetched at once, against default_profile.
+    default_layer_leaf) run default_layer_leaf 240 --deepspeed "$R/zero3_layer_leaf.json" ;;
     # The guide's default with the levers, on a 48 GB and a 24 GB card.
     default_levers) tokens=$(tokens_per_sample); run default_levers 240 --deepspeed zero_stage3_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     default_levers_24gb) tokens=$(tokens_per_sample); run default_levers_24gb 240 --deepspeed zero_stage3_config.json --gpu-memory-cap-gb 22.5 --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;

@@ -7,8 +7,9 @@ apart. ``analyze_trace`` splits the step's wall time into ``CATEGORIES``:
 
 - on a GPU, the time some kernel (or copy) runs, by the category of the op that launched it; kernels that overlap on
   different streams share the time they overlap, so the categories add up to the time the GPU was busy; the rest
-  is ``data wait`` (the GPU idles while the training loop waits for the next batch) and ``idle gaps`` (it idles for
-  any other reason: Python, DeepSpeed's hooks, host-side optimizer steps, synchronisation);
+  is ``data wait`` (the GPU idles while the training loop waits for the next batch), ``optimizer`` (it idles while
+  the host runs the optimizer step: ZeRO-Offload's CPU Adam) and ``idle gaps`` (it idles for any other reason:
+  Python, DeepSpeed's hooks, synchronisation);
 - on a CPU, the time spent inside each op (its own time, without the ops it calls); ``idle gaps`` is then the time
   outside any op (Python, hooks).
 
@@ -266,9 +267,11 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
         entry[1] += 1
         entry[2][category] += microseconds
 
-    data_wait = sorted(
-        (max(e["ts"], window_start), min(_end(e), window_end)) for e in host_events if e["name"] == DATA_WAIT_SCOPE
-    )
+    def scope_intervals(name: str) -> list[tuple[float, float]]:
+        return _merge(
+            [(max(e["ts"], window_start), min(_end(e), window_end)) for e in host_events if e["name"] == name]
+        )
+
     if device_events:
         device = "cuda"
         launches = {
@@ -295,9 +298,12 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
             cursor = max(cursor, end)
         if cursor < window_end:
             idle_intervals.append((cursor, window_end))
-        waited = _overlap(idle_intervals, _merge(data_wait))
+        # The GPU idles while the host waits for data, or runs the optimizer itself (ZeRO-Offload's CPU Adam).
+        waited = _overlap(idle_intervals, scope_intervals(DATA_WAIT_SCOPE))
+        host_optimizer = _overlap(idle_intervals, scope_intervals(OPTIMIZER_SCOPE))
         seconds[DATA_WAIT] += waited / 1e6
-        seconds[IDLE] += (idle - waited) / 1e6
+        seconds[OPTIMIZER] += host_optimizer / 1e6
+        seconds[IDLE] += (idle - waited - host_optimizer) / 1e6
     else:
         device = "cpu"
         inside = 0.0
