@@ -121,7 +121,7 @@ class BenchmarkTrainer(InternVLTrainer):
 
     def profile_last_step(self, state) -> None:
         """At the end of the second-to-last step, start profiling (main process); at the end of the last, stop."""
-        if not self.profile_trace or not self.args.process_index == 0:
+        if not self.profile_trace or self.args.process_index != 0:
             return
         if state.global_step == state.max_steps - 1:
             engine = self.model_wrapped if self.is_deepspeed_enabled else None

@@ -103,31 +103,46 @@ def label_modules(model: nn.Module) -> list:
     return handles
 
 
-def _classify(names: list[str], labels: list[str], kernel: str | None = None) -> str:
-    """The category of work done by an op whose own and enclosing op names are ``names`` (innermost first), inside
-    labelled modules ``labels`` (innermost first), possibly a device kernel (or copy) named ``kernel``."""
-    lowered = [name.lower() for name in names]
-    kernel_name = (kernel or "").lower()
-    if DATA_WAIT_SCOPE in names:
-        return DATA_WAIT
-    if OPTIMIZER_SCOPE in names or any(name.startswith("Optimizer.step") for name in names):
-        return OPTIMIZER
-    if kernel_name.startswith(("memcpy htod", "memcpy dtoh")) or any(
-        word in text for text in [kernel_name, *lowered] for word in _DEEPSPEED_WORDS
-    ):
-        return DEEPSPEED
+def _traits(name: str) -> frozenset[str]:
+    """What an op's own name says about the work done inside it."""
+    lowered = name.lower()
+    traits = set()
+    if name == DATA_WAIT_SCOPE:
+        traits.add(DATA_WAIT)
+    if name == OPTIMIZER_SCOPE or name.startswith("Optimizer.step"):
+        traits.add(OPTIMIZER)
+    if any(word in lowered for word in _DEEPSPEED_WORDS):
+        traits.add(DEEPSPEED)
+    if "dequantize" in lowered:
+        traits.add(DEQUANT)
+    if any(word in lowered for word in _ATTENTION_WORDS):
+        traits.add(ATTENTION)
+    if name in _MATMUL_OPS:
+        traits.add(GEMM)
+    return frozenset(traits)
+
+
+def _classify(traits: frozenset[str], labels: tuple[str, ...], kernel: str | None = None) -> str:
+    """The category of work done inside ops with ``traits`` (their own and their enclosing ops'), in labelled
+    modules ``labels`` (innermost first), possibly by a device kernel (or copy) named ``kernel``."""
+    if kernel is not None:
+        traits = traits | _traits(kernel)
+        if kernel.lower().startswith(("memcpy htod", "memcpy dtoh")):
+            traits = traits | {DEEPSPEED}
+    for category in (DATA_WAIT, OPTIMIZER, DEEPSPEED):
+        if category in traits:
+            return category
     if "vision" in labels:
         return VISION
-    if "dequantize" in kernel_name or any("dequantize" in name for name in lowered):
-        return DEQUANT
-    if any(word in text for text in [kernel_name, *lowered] for word in _ATTENTION_WORDS):
-        return ATTENTION
+    for category in (DEQUANT, ATTENTION):
+        if category in traits:
+            return category
     innermost = labels[0] if labels else None
     if innermost == "lora":
         return LORA
-    if innermost == "projection" or any(name in _MATMUL_OPS for name in names):
+    if innermost == "projection" or GEMM in traits:
         return GEMM
-    if any(word in kernel_name for word in _GEMM_KERNEL_WORDS):
+    if kernel is not None and any(word in kernel.lower() for word in _GEMM_KERNEL_WORDS):
         return GEMM
     if innermost in ("norm", "activation", "rope", "attention"):  # the attention module's own ops: RoPE, head copies
         return ELEMENTWISE
@@ -135,69 +150,57 @@ def _classify(names: list[str], labels: list[str], kernel: str | None = None) ->
 
 
 class _HostOps:
-    """The host-side events of a trace (ops, annotations, kernel launches) with their nesting, per thread."""
+    """The host-side events of a trace (ops, annotations, kernel launches): their nesting per thread, and for each
+    the traits of its enclosing ops and the labels of its enclosing modules (inside a backward node: those of the
+    forward op the node belongs to, which the profiler names by its sequence number)."""
 
     def __init__(self, events: list[dict]):
         self.events = events
-        self.parent: list[int | None] = [None] * len(events)
-        self.children_time = [0.0] * len(events)
-        by_thread = defaultdict(list)
-        for index, event in enumerate(events):
-            by_thread[(event.get("pid"), event.get("tid"))].append(index)
-        for indices in by_thread.values():
-            indices.sort(key=lambda i: (events[i]["ts"], -events[i].get("dur", 0)))
-            stack: list[int] = []
-            for index in indices:
-                start = events[index]["ts"]
-                while stack and _end(events[stack[-1]]) <= start:
-                    stack.pop()
-                if stack:
-                    self.parent[index] = stack[-1]
-                    self.children_time[stack[-1]] += events[index].get("dur", 0)
-                stack.append(index)
-        self._chains: dict[int, tuple[list[str], list[str]]] = {}
-        # Forward ops by autograd sequence number: a backward node names the forward op that created it.
-        self.forward_by_sequence: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for index, event in enumerate(events):
-            args = event.get("args") or {}
-            sequence = args.get("Sequence number")
-            if sequence is not None and not args.get("Fwd thread id") and not event["name"].startswith(_BACKWARD_NODE):
-                self.forward_by_sequence[sequence].append((event["ts"], index))
-        for entries in self.forward_by_sequence.values():
-            entries.sort()
-
-    def chain(self, index: int) -> tuple[list[str], list[str]]:
-        """(op names, module labels), innermost first, of an event and what encloses it; inside a backward node, the
-        module labels are those of the forward op the node belongs to."""
-        if index in self._chains:
-            return self._chains[index]
-        names, labels, node = [], [], index
-        backward_node = None
-        while node is not None:
-            name = self.events[node]["name"]
-            names.append(name)
+        count = len(events)
+        self.parent: list[int | None] = [None] * count
+        self.children_time = [0.0] * count
+        order = sorted(range(count), key=lambda i: (events[i]["ts"], -events[i].get("dur", 0)))
+        stacks: dict[tuple, list[int]] = defaultdict(list)
+        for index in order:  # parents come before their children
+            event = events[index]
+            stack = stacks[(event.get("pid"), event.get("tid"))]
+            while stack and _end(events[stack[-1]]) <= event["ts"]:
+                stack.pop()
+            if stack:
+                self.parent[index] = stack[-1]
+                self.children_time[stack[-1]] += event.get("dur", 0)
+            stack.append(index)
+        # Forward ops by autograd sequence number, in time order.
+        forward_by_sequence: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        self.traits: list[frozenset[str]] = [frozenset()] * count
+        self.labels: list[tuple[str, ...]] = [()] * count
+        for index in order:
+            event, parent = events[index], self.parent[index]
+            name, args = event["name"], event.get("args") or {}
+            inherited_labels = self.labels[parent] if parent is not None else ()
+            self.traits[index] = _traits(name) | (self.traits[parent] if parent is not None else frozenset())
             if name.startswith(MODULE_SCOPE_PREFIX):
-                labels.append(name[len(MODULE_SCOPE_PREFIX) :])
-            elif backward_node is None and name.startswith(_BACKWARD_NODE):
-                backward_node = node
-            node = self.parent[node]
-        if backward_node is not None and not labels:
-            forward = self._forward_op(backward_node)
-            if forward is not None:
-                labels = self.chain(forward)[1]
-        self._chains[index] = (names, labels)
-        return names, labels
+                self.labels[index] = (name[len(MODULE_SCOPE_PREFIX) :], *inherited_labels)
+            elif name.startswith(_BACKWARD_NODE) and not inherited_labels:
+                forward = _latest_before(forward_by_sequence.get(args.get("Sequence number"), []), event["ts"])
+                self.labels[index] = self.labels[forward] if forward is not None else ()
+            else:
+                self.labels[index] = inherited_labels
+            if args.get("Sequence number") is not None and not args.get("Fwd thread id"):
+                forward_by_sequence[args["Sequence number"]].append((event["ts"], index))
 
-    def _forward_op(self, backward_node: int) -> int | None:
-        """The latest forward op before this backward node with its sequence number (counters are per thread, so
-        the latest one is the node's own in all but rare collisions)."""
-        event = self.events[backward_node]
-        candidates = self.forward_by_sequence.get((event.get("args") or {}).get("Sequence number"), [])
-        position = bisect.bisect_left(candidates, (event["ts"], -1)) - 1
-        return candidates[position][1] if position >= 0 else None
+    def category(self, index: int, kernel: str | None = None) -> str:
+        return _classify(self.traits[index], self.labels[index], kernel)
 
     def self_time(self, index: int) -> float:
         return max(0.0, self.events[index].get("dur", 0) - self.children_time[index])
+
+
+def _latest_before(candidates: list[tuple[float, int]], time: float) -> int | None:
+    """The latest forward op before ``time`` (sequence counters are per thread, so it is the backward node's own in
+    all but rare collisions)."""
+    position = bisect.bisect_left(candidates, (time, -1)) - 1
+    return candidates[position][1] if position >= 0 else None
 
 
 def _end(event: dict) -> float:
@@ -288,8 +291,11 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
         for i, share in shares.items():
             event = device_events[i]
             launch = launches.get((event.get("args") or {}).get("correlation"))
-            names, labels = host.chain(launch) if launch is not None else ([], [])
-            add(event["name"], _classify(names, labels, kernel=event["name"]), share)
+            if launch is not None:
+                category = host.category(launch, kernel=event["name"])
+            else:
+                category = _classify(frozenset(), (), kernel=event["name"])
+            add(event["name"], category, share)
         idle = wall - sum(end - start for start, end in busy)
         idle_intervals, cursor = [], window_start
         for start, end in busy:
@@ -312,8 +318,7 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
             if not same_thread or i == step_index or event["ts"] < window_start or _end(event) > window_end:
                 continue
             own = host.self_time(i)
-            names, labels = host.chain(i)
-            add(event["name"], _classify(names, labels), own)
+            add(event["name"], host.category(i), own)
             inside += own
         seconds[IDLE] += (wall - inside) / 1e6
     top_entries = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]

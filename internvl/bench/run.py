@@ -21,8 +21,8 @@ from internvl.bench import worker
 from internvl.bench.flops import DEFAULT_PEAK_TFLOPS
 from internvl.bench.inputs import prepare_checkpoint, prepare_videos
 from internvl.bench.profiling import profile_markdown
-from internvl.data.files import atomic_write_text
 from internvl.constants import INTERNVL3_8B_CONFIG
+from internvl.data.files import atomic_write_text
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV, resolve_plan, visible_gpu_count
 from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
 

@@ -69,8 +69,9 @@ def summarize(results_dir: Path) -> str:
         report = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(report, dict) and "settings" in report:
             reports.append((path, report))
+    plain_line = f"Plain QLoRA loop (NF4, its largest batch): {plain:,.0f} tokens/s" if plain else "No plain loop here."
     lines = [
-        f"Plain QLoRA loop (NF4, its largest batch): {plain:,.0f} tokens/s" if plain else "No plain loop in this folder.",
+        plain_line,
         "",
         "| run | DeepSpeed config and flags | batch × GA | tokens/s per GPU | × plain | step | allocated / reserved "
         "GiB | MFU | data wait | cap GiB | `nvidia-smi` max MiB |",

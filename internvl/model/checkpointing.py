@@ -2,9 +2,10 @@
 
 transformers' decoder layers (``GradientCheckpointingLayer``) recompute their forward in backward while their own
 ``gradient_checkpointing`` flag is set (``InternVLChatModel.gradient_checkpointing_enable`` sets it on every layer).
-Clearing it on a layer makes that layer keep its activations instead: faster (no recomputation: a third of the layer's
-matmul work in a step, with the base frozen), at the memory of its activations. The last layers are left out: their backward comes first, so
-their activations are freed before any recomputation starts and the two never add up at the peak.
+Clearing it on a layer makes that layer keep its activations instead: faster (no recomputation, a third of the
+layer's matmul work in a step with the base frozen), at the memory of its activations. The last layers are left out:
+their backward comes first, so their activations are freed before any recomputation starts and the two never add up
+at the peak.
 """
 
 from __future__ import annotations

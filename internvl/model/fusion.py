@@ -1,8 +1,9 @@
 """Fused kernels in the LLM, two ways, each behind a flag that is off by default.
 
-``--use_liger True``: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU MLP and RoPE. They are applied to the model through Liger's own entry point for the architecture (``apply_liger_kernel_to_qwen2``
-or ``apply_liger_kernel_to_llama`` with ``model=``): the two RMSNorms of every decoder layer, the final norm and
-every MLP run Liger's forwards, and the architecture's ``apply_rotary_pos_emb`` becomes Liger's (a module-level
+``--use_liger True``: Liger-Kernel's fused Triton kernels for RMSNorm, SwiGLU MLP and RoPE. They are applied to the
+model through Liger's own entry point for the architecture (``apply_liger_kernel_to_qwen2`` or
+``apply_liger_kernel_to_llama`` with ``model=``): the two RMSNorms of every decoder layer, the final norm and every
+MLP run Liger's forwards, and the architecture's ``apply_rotary_pos_emb`` becomes Liger's (a module-level
 function, so it holds for every model of that architecture in the process, as in the official recipe). The loss is
 left alone: the model computes logits only at the supervised positions itself (``InternVLChatModel.forward``), so
 Liger's fused linear cross-entropy has nothing left to save. The vision tower keeps its own kernels.

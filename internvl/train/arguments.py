@@ -40,7 +40,7 @@ class ModelArguments:
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM."})
     use_liger: bool = field(
         default=False,
-        metadata={"help": "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM (CUDA GPUs; requirements_gpu.txt)."},
+        metadata={"help": "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM (CUDA; requirements_gpu.txt)."},
     )
     compile_llm_layers: bool = field(
         default=False,
