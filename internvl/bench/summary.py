@@ -1,5 +1,6 @@
 """A folder of benchmark reports (what ``scripts/gpu_benchmark_suite.sh`` writes) as Markdown tables for
-docs/BENCHMARKS.md: one row per run, beside the plain QLoRA loop of the same folder, then each profiled step.
+docs/BENCHMARKS.md: one row per run in the order they ran, beside the plain QLoRA loop of the same folder, then each
+profiled step.
 
     python -m internvl.bench.summary RESULTS_DIR     # prints, and writes RESULTS_DIR/summary.md
 """
@@ -63,7 +64,7 @@ def run_row(report: dict, plain: float | None, smi_mib: int | None) -> str:
 def summarize(results_dir: Path) -> str:
     plain = plain_loop_tokens_per_second(results_dir)
     reports = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime):  # in the order they ran
         if path.name == BASELINE_NAME or path.name.endswith(".report.json"):
             continue
         report = json.loads(path.read_text(encoding="utf-8"))
