@@ -60,6 +60,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--work-dir", default="work_dirs/benchmark", help="inputs and runs (default: %(default)s)")
     parser.add_argument("--name", default="run", help="run name, used for its files (default: %(default)s)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run one more step under torch.profiler (not measured): a Chrome trace and the step's time by "
+        "category (GEMM, NF4 dequantization, LoRA, attention, ...) beside the report, in it, and as Markdown",
+    )
     parser.add_argument("--output", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv[:split])
     for name in ("per_device_batch_size", "grad_accum", "frames", "max_seq_length", "steps", "lora_rank"):
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         model_config=args.model_config,
         work_dir=args.work_dir,
         name=args.name,
+        profile=args.profile,
         recipe_args=recipe_args,
     )
     # A SIGTERM (e.g. from `timeout`) unwinds normally, so the training processes are stopped too.

@@ -36,8 +36,9 @@ class BatchCounts:
         return self
 
 
-def training_flops(dims: ModelDims, counts: BatchCounts, *, lora_rank: int, recompute: bool) -> float:
-    """Model FLOPs of one training pass over ``counts`` with a frozen base, LoRA on the LLM, frozen vision tower.
+def training_flops(dims: ModelDims, counts: BatchCounts, *, lora_rank: int, recomputed_layers: int) -> float:
+    """Model FLOPs of one training pass over ``counts`` with a frozen base, LoRA on the LLM, frozen vision tower,
+    ``recomputed_layers`` of the decoder layers checkpointed (their forward runs again in backward).
 
     - LLM projections (frozen): forward 2N, backward to the inputs 2N (no weight gradient), plus a
       second forward when activations are recomputed: 6N (4N without recomputation).
@@ -49,7 +50,9 @@ def training_flops(dims: ModelDims, counts: BatchCounts, *, lora_rank: int, reco
     - vision tower and projector (frozen, no gradient): forward only, 2N per patch token plus non-causal
       attention 4 * width * T^2 per layer and frame of T tokens.
     """
-    passes = 3 if recompute else 2
+    if not 0 <= recomputed_layers <= dims.num_layers:
+        raise ValueError(f"recomputed_layers must be in [0, {dims.num_layers}], got {recomputed_layers}")
+    passes = 2 + recomputed_layers / dims.num_layers  # forward, backward, and the recomputed share of a forward
     per_token = 2 * passes * dims.quantized_params + (2 * passes + 2) * dims.lora_params(lora_rank)
     flops = counts.tokens * per_token
     flops += (2 * passes + 2) * dims.q_width * counts.squared_lengths * dims.num_layers

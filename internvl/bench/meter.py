@@ -1,8 +1,9 @@
 """Measuring inside the training processes: the recipe's trainer, timing each optimizer step.
 
 Per optimizer step: wall time between step ends (the GPU is synchronised at each step end), time spent waiting for
-the next batch, and what the batches held. When training ends, every process's figures are gathered and the main
-process writes the report (``internvl.bench.report``).
+the next batch, and what the batches held. With a profile trace requested, one more step runs after the measured
+ones under ``torch.profiler`` in the main process (``internvl.bench.profiling``); it is not measured. When training
+ends, every process's figures are gathered and the main process writes the report (``internvl.bench.report``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.autograd.profiler import record_function
 from transformers import TrainerCallback
 
 from internvl.bench.flops import BatchCounts
+from internvl.bench.profiling import DATA_WAIT_SCOPE, StepProfiler
 from internvl.bench.report import build_report
 from internvl.data.files import atomic_write_text
 from internvl.train.trainer import InternVLTrainer
@@ -38,7 +41,8 @@ class _TimedBatches:
 
     def __next__(self):
         start = time.perf_counter()
-        batch = next(self.iterator)
+        with record_function(DATA_WAIT_SCOPE):
+            batch = next(self.iterator)
         self.meter.data_wait += time.perf_counter() - start
         self.meter.counts.add(batch)
         return batch
@@ -85,6 +89,7 @@ class _BenchmarkCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.meter.end_step()
+        self.trainer.profile_last_step(state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.write_report(args, state)
@@ -94,26 +99,54 @@ class BenchmarkTrainer(InternVLTrainer):
     """The recipe's trainer, timing each optimizer step and writing a JSON report when training ends."""
 
     def __init__(
-        self, *args, report_path: str, warmup_steps: int, peak_tflops: float, memory_cap_gib: float | None, **kwargs
+        self,
+        *args,
+        report_path: str,
+        warmup_steps: int,
+        peak_tflops: float,
+        memory_cap_gib: float | None,
+        profile_trace: str | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.report_path = Path(report_path)
         self.warmup_steps = warmup_steps
         self.peak_tflops = peak_tflops
         self.memory_cap_gib = memory_cap_gib
+        self.profile_trace = profile_trace  # profile the last step (not measured) into this trace
+        self.profile: dict | None = None
+        self._profiler: StepProfiler | None = None
         self.meter = StepMeter()
         self.add_callback(_BenchmarkCallback(self))
+
+    def profile_last_step(self, state) -> None:
+        """At the end of the second-to-last step, start profiling (main process); at the end of the last, stop."""
+        if not self.profile_trace or self.args.process_index != 0:
+            return
+        if state.global_step == state.max_steps - 1:
+            engine = self.model_wrapped if self.is_deepspeed_enabled else None
+            self._profiler = StepProfiler(self.model, self.profile_trace, engine=engine)
+            self._profiler.start()
+        elif state.global_step == state.max_steps and self._profiler is not None:
+            self.profile = self._profiler.stop()
+            self._profiler = None
+
+    @property
+    def measured_steps(self) -> list[StepRecord]:
+        end = len(self.meter.steps) - (1 if self.profile_trace else 0)
+        return self.meter.steps[self.warmup_steps : end]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         return super().get_batch_samples(_TimedBatches(epoch_iterator, self.meter), num_batches, device)
 
     def _process_summary(self) -> dict:
-        measured = self.meter.steps[self.warmup_steps :]
+        measured = self.measured_steps
         counts = BatchCounts()
         for step in measured:
             counts += step.counts
         summary = {
             "step_seconds": [step.seconds for step in self.meter.steps],
+            "measured_steps": len(measured),
             "measured_seconds": sum(step.seconds for step in measured),
             "measured_data_wait_seconds": sum(step.data_wait_seconds for step in measured),
             "counts": asdict(counts),

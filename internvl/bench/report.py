@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from internvl.bench.flops import BatchCounts, training_flops
+from internvl.model.checkpointing import checkpointed_layers
 from internvl.model.dims import ModelDims
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV
 
@@ -36,8 +37,10 @@ def describe_run(trainer: BenchmarkTrainer, args) -> dict:
         "load_in_4bit": any(type(p).__name__ == "Params4bit" for p in model.parameters()),
         "lora_rank": model.config.use_llm_lora,
         "gradient_checkpointing": _is_checkpointing(model.base_language_model),
+        "checkpointed_layers": len(checkpointed_layers(model)) if _is_checkpointing(model.base_language_model) else 0,
         "steps": len(trainer.meter.steps),
         "warmup_steps": trainer.warmup_steps,
+        "profiled_steps": 1 if trainer.profile_trace else 0,
         "gpu_memory_cap_gib": trainer.memory_cap_gib,
         "cuda_alloc_conf": os.environ.get(CUDA_ALLOC_CONF_ENV),
         "peak_tflops_per_gpu": trainer.peak_tflops,
@@ -59,12 +62,12 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
     for summary in summaries:
         counts += BatchCounts(**summary["counts"])
     main = summaries[0]
-    measured_steps = len(main["step_seconds"]) - trainer.warmup_steps
+    measured_steps = main["measured_steps"]
     seconds = main["measured_seconds"]
     if measured_steps < 1 or seconds <= 0:
         raise ValueError(f"no measured steps: {len(main['step_seconds'])} steps ran, {trainer.warmup_steps} warm-up")
     dims = ModelDims.from_config(trainer.model.config)
-    flops = training_flops(dims, counts, lora_rank=run["lora_rank"] or 0, recompute=run["gradient_checkpointing"])
+    flops = training_flops(dims, counts, lora_rank=run["lora_rank"] or 0, recomputed_layers=run["checkpointed_layers"])
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     results = {
         "measured_steps": measured_steps,
@@ -91,7 +94,10 @@ def build_report(trainer: BenchmarkTrainer, args, state, summaries: list[dict]) 
             peak_train_gpu_reserved_gib=[s["peak_train_reserved_bytes"] / GIB for s in summaries],
         )
     status = "ok" if results["bad_samples"] == 0 else "bad_samples"
-    return {"status": status, "run": run, "environment": environment(main.get("device")), "results": results}
+    report = {"status": status, "run": run, "environment": environment(main.get("device")), "results": results}
+    if trainer.profile is not None:
+        report["profile"] = trainer.profile
+    return report
 
 
 def environment(device: str | None) -> dict:
@@ -128,4 +134,8 @@ def format_summary(report: dict) -> str:
     )
     if report["status"] != "ok":
         line += f" | {report['status'].upper()}: {r['bad_samples']} samples could not be built (see the log)"
+    if "profile" in report:
+        shares = sorted(report["profile"]["categories"].items(), key=lambda item: -item[1]["share"])[:4]
+        line += "\nprofiled step: " + ", ".join(f"{name} {100 * value['share']:.0f}%" for name, value in shares)
+        line += f" (tables: {report['profile'].get('table')}, trace: {report['profile']['trace']})"
     return line

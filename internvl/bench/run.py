@@ -3,7 +3,8 @@
 ``run_benchmark`` writes what a run needs into a work folder (``internvl.bench.inputs``), then starts the recipe
 under ``torchrun`` exactly as ``scripts/finetune_internvl3_8b_4bit_lora.sh`` does (the launcher's plan: same
 flags, same ``main()``, same Trainer and DeepSpeed config), with ``internvl.bench.worker`` as each process's entry
-point, and returns the report the main process wrote.
+point, and returns the report the main process wrote. With ``profile``, one more step runs under ``torch.profiler``
+(not measured): its trace and its tables (``internvl.bench.profiling``) are written beside the report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from internvl.bench import worker
 from internvl.bench.flops import DEFAULT_PEAK_TFLOPS
 from internvl.bench.inputs import prepare_checkpoint, prepare_videos
+from internvl.bench.profiling import profile_markdown
 from internvl.constants import INTERNVL3_8B_CONFIG
+from internvl.data.files import atomic_write_text
 from internvl.model.loading import load_tokenizer
 from internvl.train.launch import CUDA_ALLOC_CONF_ENV, resolve_plan, visible_gpu_count
 from internvl.train.launch import DEFAULTS as LAUNCH_DEFAULTS
@@ -46,13 +49,23 @@ class BenchmarkSettings:
     model_config: str = str(DEFAULT_MODEL_CONFIG)
     work_dir: str = "work_dirs/benchmark"
     name: str = "run"
+    profile: bool = False  # one more step, under torch.profiler
     recipe_args: list[str] = field(default_factory=list)  # appended to the recipe's flags (they win)
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.steps + (1 if self.profile else 0)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def trace_path(report: Path) -> Path:
+    """The profile trace of the run whose report is ``report``."""
+    return report.with_name(report.name.removesuffix(REPORT_NAME) + "trace.json.gz")
 
 
 def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: Path, report: Path):
@@ -73,7 +86,7 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
     }
     if CUDA_ALLOC_CONF_ENV in os.environ:  # the caller's allocator settings win over the launcher's default
         env[CUDA_ALLOC_CONF_ENV] = os.environ[CUDA_ALLOC_CONF_ENV]
-    total_steps = settings.warmup_steps + settings.steps
+    total_steps = settings.total_steps
     overrides = [
         "--max_steps", str(total_steps),
         "--logging_steps", str(total_steps),  # one log, after the last timed step
@@ -91,6 +104,7 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
         warmup_steps=settings.warmup_steps,
         peak_tflops=settings.peak_tflops,
         gpu_memory_cap_gb=settings.gpu_memory_cap_gb,
+        profile_trace=str(trace_path(report)) if settings.profile else None,
     )
     command = [
         sys.executable, "-m", "torch.distributed.run",
@@ -117,7 +131,7 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
     prepare_videos(
         meta_path.parent,
         num_frames=settings.frames,
-        num_samples=(settings.warmup_steps + settings.steps) * plan.batch_size,
+        num_samples=settings.total_steps * plan.batch_size,
         summary_tokens=settings.summary_tokens,
         tokenizer=load_tokenizer(checkpoint) if settings.summary_tokens else None,
     )
@@ -137,6 +151,10 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
                 process.wait()
     if returncode == 0 and report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
+        if "profile" in report:
+            table = runs_dir / f"{settings.name}.profile.md"
+            atomic_write_text(table, profile_markdown(report["profile"], settings.name))
+            report["profile"]["table"] = str(table)
         return {**report, "settings": asdict(settings)}
     tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]
     out_of_memory = any("OutOfMemoryError" in line or "CUDA out of memory" in line for line in tail)

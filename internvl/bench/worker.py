@@ -20,7 +20,12 @@ from internvl.bench.report import GIB
 
 
 def worker_options(
-    report: str, *, warmup_steps: int, peak_tflops: float, gpu_memory_cap_gb: float | None
+    report: str,
+    *,
+    warmup_steps: int,
+    peak_tflops: float,
+    gpu_memory_cap_gb: float | None,
+    profile_trace: str | None = None,
 ) -> list[str]:
     """The worker's own flags (before ``--``), as ``main`` parses them."""
     options = [
@@ -30,6 +35,8 @@ def worker_options(
     ]  # fmt: skip
     if gpu_memory_cap_gb:
         options += ["--gpu-memory-cap-gb", str(gpu_memory_cap_gb)]
+    if profile_trace:
+        options += ["--profile-trace", str(profile_trace)]
     return options
 
 
@@ -55,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS)
     parser.add_argument("--gpu-memory-cap-gb", type=float, default=None)
+    parser.add_argument("--profile-trace", default=None, help="profile the last step into this .json.gz trace")
     options = parser.parse_args(argv[:split])
     if options.gpu_memory_cap_gb and torch.cuda.is_available():
         cap_gpu_memory(options.gpu_memory_cap_gb)
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup_steps=options.warmup_steps,
         peak_tflops=options.peak_tflops,
         memory_cap_gib=options.gpu_memory_cap_gb,
+        profile_trace=options.profile_trace,
     )
     internvl_chat_finetune.main(argv[split + 1 :], trainer_class=trainer_class)
 

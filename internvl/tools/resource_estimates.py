@@ -13,6 +13,8 @@ if TYPE_CHECKING:  # importing the model package pulls in torch and transformers
     from internvl.model.dims import ModelDims
 
 GIB = 1024**3
+# Supervised tokens per sample assumed when the data is not read (answers of video summaries stay well below it).
+ASSUMED_ANSWER_TOKENS = 512
 
 
 def nf4_bytes_per_param(double_quant: bool, blocksize: int = 64) -> float:
@@ -29,10 +31,12 @@ class MemoryEstimate:
     resident_weights: int  # weights held during training (partitioned, offloaded or whole)
     lora_states: int  # LoRA weights, gradients and optimizer states on the GPU
     checkpointed_activations: int  # the hidden states gradient checkpointing keeps, for the whole step
+    uncheckpointed_activations: int  # what the forward of the layers left out of checkpointing keeps for backward
     # Three phases of a step, which do not overlap: the largest one counts.
     vision_activations: int  # the frozen ViT forward on every frame of the micro-batch (no grad)
     logits: int  # LM-head output at supervised positions, its fp32 log-softmax and their gradients
     layer_activations: int  # one decoder layer recomputed during backward, with its gradients
+    uncheckpointed_layers: int
     dequantized_weight: int  # the largest projection dequantized to bf16 for its matmul
     cuda_overhead: int  # CUDA context and allocator fragmentation
     tokens_per_micro_batch: int
@@ -42,8 +46,8 @@ class MemoryEstimate:
     def train_peak(self) -> int:
         largest_phase = max(self.vision_activations, self.logits, self.layer_activations)
         return (
-            self.resident_weights + self.lora_states + self.checkpointed_activations + largest_phase
-            + self.dequantized_weight + self.cuda_overhead
+            self.resident_weights + self.lora_states + self.checkpointed_activations
+            + self.uncheckpointed_activations + largest_phase + self.dequantized_weight + self.cuda_overhead
         )  # fmt: skip
 
     @property
@@ -65,6 +69,8 @@ class MemoryEstimate:
             (largest, phases[largest]),
             ("CUDA+buffers", self.dequantized_weight + self.cuda_overhead),
         ]
+        if self.uncheckpointed_layers:
+            parts.insert(3, (f"{self.uncheckpointed_layers} un-checkpointed layers", self.uncheckpointed_activations))
         detail = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts)
         return (
             f"≈{self.peak / GIB:.1f} GiB per GPU (training {self.train_peak / GIB:.1f}: {detail}; "
@@ -85,13 +91,18 @@ def estimate_gpu_memory(
     offload_param: bool,
     offload_optimizer: bool,
     double_quant: bool = True,
+    uncheckpointed_layers: int = 0,
     cuda_overhead: int = GIB,
 ) -> MemoryEstimate:
     """Peak GPU memory per rank for QLoRA training of ``dims`` in bf16 with gradient checkpointing.
 
     ``answer_tokens`` is the most supervised tokens of one sample: the model computes logits only there.
-    ``num_gpus`` is the number of ranks ZeRO partitions over. The formula is explained in docs/SETUP.md.
+    ``num_gpus`` is the number of ranks ZeRO partitions over. ``uncheckpointed_layers`` decoder layers keep their
+    activations instead of being recomputed (all of them: no gradient checkpointing). The formula is explained in
+    docs/SETUP.md.
     """
+    if not 0 <= uncheckpointed_layers <= dims.num_layers:
+        raise ValueError(f"uncheckpointed_layers must be in [0, {dims.num_layers}], got {uncheckpointed_layers}")
     h, i, kv, v = dims.hidden_size, dims.intermediate_size, dims.kv_width, dims.vocab_size
     n = max(1, num_gpus)
     b, s = micro_batch_size, max_seq_length
@@ -116,10 +127,15 @@ def estimate_gpu_memory(
 
     frames = max(1, min(max_num_frame, s // dims.num_image_token))
     tokens = b * s
-    # Per token, in bf16 elements: the input of every layer plus the embeddings before and after the image splice.
-    checkpointed_per_token = (dims.num_layers + 2) * h
-    # One Qwen2 layer recomputed in backward: the tensors its forward keeps (norm outputs, q/k/v/o, the LoRA inputs,
-    # the SwiGLU intermediates: 20h + 4kv + 6i) and the gradients its backward creates (4h + 3i).
+    # Per token, in bf16 elements: the input of every checkpointed layer plus the embeddings before and after the
+    # image splice.
+    checkpointed_per_token = (dims.num_layers - uncheckpointed_layers + 2) * h
+    # What a layer left out of checkpointing keeps until its backward: its input and the fp32 copies its two RMSNorms
+    # make (6h), the dropped-out LoRA inputs with their masks (seven projections: 7.5h + 1.5i), SDPA's q, k, v and
+    # output (2h + 2kv), the attention output reshaped for o_proj (h), the SwiGLU intermediates (3i).
+    kept_per_layer_token = 18 * h + 2 * kv + 4.5 * i
+    # One Qwen2 layer recomputed in backward: the tensors its forward keeps, with the temporaries of its backward
+    # (20h + 4kv + 6i), and the gradients its backward creates (4h + 3i).
     layer_per_token = 24 * h + 4 * kv + 9 * i
     # Logits [N, vocab] for the N supervised (sample, position) pairs of the micro-batch.
     supervised_tokens = b * min(s, answer_tokens)
@@ -131,15 +147,27 @@ def estimate_gpu_memory(
         resident_weights=resident,
         lora_states=lora_states,
         checkpointed_activations=2 * checkpointed_per_token * tokens,
+        uncheckpointed_activations=int(2 * uncheckpointed_layers * kept_per_layer_token * tokens),
         vision_activations=2 * vision_per_tile * b * frames,
         # bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4 + bf16 gradient 2 bytes per vocabulary entry.
         logits=12 * v * supervised_tokens,
         layer_activations=2 * layer_per_token * tokens,
+        uncheckpointed_layers=uncheckpointed_layers,
         dequantized_weight=2 * h * i,
         cuda_overhead=cuda_overhead,
         tokens_per_micro_batch=tokens,
         frames_per_sample=frames,
     )
+
+
+def max_uncheckpointed_layers(dims: ModelDims, memory_budget: int, **settings) -> int:
+    """The most decoder layers that can keep their activations (the last ones, see
+    ``internvl.model.checkpointing``) with the estimated peak within ``memory_budget`` bytes per GPU; 0 when even
+    full checkpointing does not fit. ``settings`` are ``estimate_gpu_memory``'s."""
+    for layers in range(dims.num_layers, 0, -1):
+        if estimate_gpu_memory(dims, uncheckpointed_layers=layers, **settings).peak <= memory_budget:
+            return layers
+    return 0
 
 
 @dataclass

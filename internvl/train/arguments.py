@@ -12,6 +12,7 @@ unless they ask for the official default, in which case they change nothing.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,43 @@ class ModelArguments:
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank R on the vision tower (alpha 2R)."})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank R on the LLM (alpha 2R, dropout 0.05)."})
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM."})
+    use_liger: bool = field(
+        default=False,
+        metadata={"help": "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM (CUDA; requirements_gpu.txt)."},
+    )
+    compile_llm_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each LLM decoder layer (regional compilation; the first steps compile)."},
+    )
+    grad_checkpoint_skip_layers: str = field(
+        default="0",
+        metadata={
+            "help": "With --grad_checkpoint: how many of the last LLM decoder layers keep their activations instead of "
+            "being recomputed in backward (faster, more GPU memory). A number, or 'auto': as many as fit the GPU "
+            "memory (--grad_checkpoint_memory_gb) by the setup check's estimate for --max_seq_length tokens per "
+            "sample. 0 checkpoints every layer."
+        },
+    )
+    grad_checkpoint_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "GPU memory per process (GiB) that --grad_checkpoint_skip_layers auto plans for; default: "
+                          "what the GPU holds."},
+    )
+
+    def __post_init__(self):
+        self.skip_layers_setting()  # a bad value fails here, before anything loads
+
+    def skip_layers_setting(self) -> int | str:
+        """``--grad_checkpoint_skip_layers`` as a number of layers, or ``"auto"``."""
+        value = str(self.grad_checkpoint_skip_layers).strip().lower()
+        if value == "auto":
+            return value
+        if not value.isdigit():
+            raise ValueError(
+                f"--grad_checkpoint_skip_layers {self.grad_checkpoint_skip_layers!r}: give a number of decoder "
+                "layers (0 checkpoints all of them) or 'auto'."
+            )
+        return int(value)
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the vision tower."})
     ps_version: str = field(default="v2", metadata={"help": "Pixel-shuffle version.", "choices": ["v1", "v2"]})
     use_fast_tokenizer: bool = field(default=False, metadata={"help": "Use the fast tokenizer."})
@@ -147,6 +185,11 @@ class InternVLTrainingArguments(TrainingArguments):
     # (collecting logits over a 150k vocabulary would exhaust memory), and tokens/s needs the token count.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Drop sample keys unknown to forward()."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation computes the loss only."})
+    dataloader_prefetch_factor: int | None = field(
+        default=None,
+        metadata={"help": "Batches each loader worker prepares ahead. Default: enough for the workers to hold one "
+                          "optimizer step's micro-batches (gradient accumulation / workers, at least 2)."},
+    )
     include_num_input_tokens_seen: str = field(
         default="non_padding",
         metadata={"help": "Count the input tokens seen (for tokens/s).", "choices": ["non_padding", "all", "no"]},
@@ -154,6 +197,11 @@ class InternVLTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._apply_older_spellings()
+        if self.dataloader_prefetch_factor is None and self.dataloader_num_workers > 0:
+            # The Trainer takes all micro-batches of an optimizer step when the step starts: have them ready.
+            self.dataloader_prefetch_factor = max(
+                2, math.ceil(self.gradient_accumulation_steps / self.dataloader_num_workers)
+            )
         self.deepspeed = resolve_deepspeed_config(self.deepspeed)
         if not self.use_cpu and not torch.cuda.is_available():
             print("No CUDA device found: training on CPU (--use_cpu True).", file=sys.stderr)
@@ -208,7 +256,6 @@ UNSUPPORTED_OFFICIAL_FLAGS: dict[str, tuple[Any, str]] = {
     "mlp_path": (None, "loading a separate projector is not supported; pass a full InternVL checkpoint"),
     "unfreeze_lm_head": (False, "the official flag never trained lm_head (it set an attribute, not requires_grad); "
                                 "train the LLM through --use_llm_lora"),
-    "use_liger": (False, "Liger kernels are not integrated"),
     "use_data_resampling": (False, "square-root dataset resampling is not implemented; set repeat_time per dataset "
                                    "in meta.json"),
     "num_images_expected": (40, "a packed batch holds the same --per_device_train_batch_size samples, and tiles, as "

@@ -7,7 +7,8 @@
 also runs as ``python -m internvl.train.internvl_chat_finetune``. The flags are the official ones (see
 ``internvl.train.arguments``); the steps are: arguments (which set the device and register the DeepSpeed config,
 so transformers loads the 4-bit model the ZeRO-3 way) -> output folder (resume or start over) -> tokenizer and
-model -> freezing and LoRA -> gradient checkpointing -> datasets -> Trainer -> train, save, evaluate.
+model -> freezing and LoRA -> gradient checkpointing (of all LLM decoder layers, or of as many as the memory budget
+needs) -> datasets -> Trainer -> train, save, evaluate.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers import set_seed
 from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import build_datasets
 from internvl.data.files import atomic_write_text
+from internvl.model.fusion import apply_liger_kernels, check_liger_usable, compile_decoder_layers
 from internvl.model.loading import load_internvl_model, load_tokenizer
 from internvl.tools.plots import plot_training_curves
 from internvl.train.arguments import (
@@ -44,6 +46,7 @@ from internvl.train.arguments import (
 from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
 from internvl.train.checkpoint import last_complete_checkpoint, list_checkpoints
 from internvl.train.launch import CUDA_ARCH_LIST_ENV, LAUNCH_COMMAND_ENV, deepspeed_compatible_arch_list
+from internvl.train.memory_budget import leave_layers_out_of_checkpointing
 from internvl.train.trainer import InternVLTrainer
 
 RUN_ARGS_NAME = "run_args.json"
@@ -72,6 +75,15 @@ def check_arguments(model_args: ModelArguments, training_args: InternVLTrainingA
         (model_args.freeze_llm, model_args.freeze_backbone, model_args.freeze_mlp)
     ) and not (model_args.use_llm_lora or model_args.use_backbone_lora or model_args.unfreeze_vit_layers):
         raise ValueError("Every part is frozen and no LoRA is requested: there is nothing to train.")
+    if model_args.skip_layers_setting() != 0 and not model_args.grad_checkpoint:
+        raise ValueError(
+            "--grad_checkpoint_skip_layers leaves layers out of gradient checkpointing, which is off "
+            "(--grad_checkpoint False): every layer keeps its activations already; drop one of the two flags."
+        )
+    if model_args.use_liger:
+        check_liger_usable()
+    if model_args.grad_checkpoint_memory_gb is not None and model_args.grad_checkpoint_memory_gb <= 0:
+        raise ValueError(f"--grad_checkpoint_memory_gb must be positive, got {model_args.grad_checkpoint_memory_gb}.")
 
 
 def prepare_output_dir(training_args: InternVLTrainingArguments) -> str | None:
@@ -255,7 +267,14 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         use_fast=model_args.use_fast_tokenizer,
     )
     model = load_model(model_args, data_args, compute_dtype(training_args))
+    if model_args.use_liger:
+        log(apply_liger_kernels(model))
     configure_trainable_parameters(model, model_args)
+    if model_args.compile_llm_layers:
+        log(compile_decoder_layers(model))
+    checkpointing_note = leave_layers_out_of_checkpointing(model, model_args, data_args, training_args)
+    if checkpointing_note:
+        log(checkpointing_note)
     prepare_4bit_layers_for_checkpoints(model)
     trainable, total = count_parameters(model)
     log(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")

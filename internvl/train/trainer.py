@@ -11,7 +11,9 @@ Changes to the stock trainer:
   on how a step is split into batches, accumulation steps or processes, and the logged loss is the step's weighted
   mean per token;
 - evaluation asks the model for the loss only (``prediction_loss_only``), so no [batch, length, vocab] logits;
-- logged values include tokens/s, samples/s and peak GPU memory.
+- logged values include tokens/s, samples/s and peak GPU memory;
+- training stops before its first step if a DeepSpeed ZeRO-3 leaf module would drop gradients
+  (``check_zero3_leaf_modules``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.constants import IGNORE_INDEX
@@ -47,6 +50,42 @@ def _adapters_visible_to_quantization_check(model):
             model._hf_peft_config_loaded = previous
 
 
+def check_zero3_leaf_modules(model) -> None:
+    """Refuse ZeRO-3 leaf modules that would lose their gradients.
+
+    A leaf module (``stage3_module_granularity_threshold``, or ``zero_optimization.leaf_module``) has its weights
+    fetched as one unit; DeepSpeed hands its parameters' gradients to the optimizer only when the leaf's backward
+    hook fires, and that hook hangs on the leaf's positional tensor inputs. A leaf fed by keyword (the LLM's
+    ``Qwen2Model``, fed ``inputs_embeds=``, or the whole model) never gets it: on CPU its LoRA gradients stayed on
+    the parameters and the optimizer stepped without them. Decoder layers take the hidden states positionally, so
+    they may be leaves; so may modules with nothing to train.
+    """
+    from deepspeed.utils import z3_leaf_module
+
+    losing = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if z3_leaf_module(module)
+        and not isinstance(module, GradientCheckpointingLayer)
+        and any(param.requires_grad for param in module.parameters())
+    ]
+    if losing:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 made {', '.join(losing[:3])}{' and others' if len(losing) > 3 else ''} a leaf module "
+            "(stage3_module_granularity_threshold or leaf_module in the DeepSpeed config). It holds trained "
+            "parameters and takes its inputs by keyword, so DeepSpeed would drop their gradients. Lower "
+            "stage3_module_granularity_threshold until only decoder layers are leaves (or list them in "
+            "zero_optimization.leaf_module.classes), or remove it."
+        )
+
+
+class _Zero3LeafCheck(TrainerCallback):
+    # At train begin DeepSpeed has set its leaf modules and no step has run.
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.deepspeed and model is not None:
+            check_zero3_leaf_modules(model)
+
+
 class InternVLTrainer(Trainer):
     def __init__(self, *args, model, base_model_path: str, **kwargs):
         with _adapters_visible_to_quantization_check(model):
@@ -54,6 +93,7 @@ class InternVLTrainer(Trainer):
         self.base_model_path = base_model_path
         self.throughput = ThroughputMeter(samples_per_step=self.effective_batch_size)
         self.add_callback(self.throughput)
+        self.add_callback(_Zero3LeafCheck())
 
     @property
     def effective_batch_size(self) -> int:

@@ -15,7 +15,8 @@ from tests.model.test_dims import LORA_RANK, internvl3_8b_counts, internvl3_8b_d
 
 
 def _flops(counts: BatchCounts, recompute: bool = True) -> float:
-    return training_flops(internvl3_8b_dims(), counts, lora_rank=LORA_RANK, recompute=recompute)
+    dims = internvl3_8b_dims()
+    return training_flops(dims, counts, lora_rank=LORA_RANK, recomputed_layers=dims.num_layers if recompute else 0)
 
 
 def test_flop_count_and_memory_estimate_read_the_same_parameter_counts():
@@ -88,3 +89,16 @@ def test_batch_counts_are_the_same_packed_or_not(tiny_tokenizer, tiny_video_samp
     assert counts[None] == counts[4096]
     assert (counts[None].samples, counts[None].tokens) == (4, sum(lengths))
     assert counts[None].squared_lengths == sum(n * n for n in lengths)
+
+
+def test_layers_left_out_of_checkpointing_are_not_recomputed():
+    dims = internvl3_8b_dims()
+    sample = BatchCounts(samples=1, tokens=4490, squared_lengths=4490**2, supervised_tokens=77, frames=16)
+
+    def flops(layers):
+        return training_flops(dims, sample, lora_rank=LORA_RANK, recomputed_layers=layers)
+
+    # One recomputed forward of the LLM (projections, LoRA, attention) is spread evenly over the layers.
+    assert flops(7) - flops(0) == pytest.approx((flops(28) - flops(0)) / 4)
+    with pytest.raises(ValueError, match=r"recomputed_layers must be in \[0, 28\]"):
+        flops(29)

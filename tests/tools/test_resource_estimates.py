@@ -1,5 +1,5 @@
-"""GPU-memory and disk estimates: the InternVL3-8B sizes, how the estimate moves with each setting, and its distance
-from the GPU measurements of docs/BENCHMARKS.md."""
+"""GPU-memory and disk estimates: the InternVL3-8B sizes, how the estimate moves with each setting (layers left out of
+gradient checkpointing included), and its distance from the GPU measurements of docs/BENCHMARKS.md and issue 11."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import pytest
 from internvl.constants import INTERNVL3_8B_CONFIG
 from internvl.model.configuration import InternVLChatConfig
 from internvl.model.dims import ModelDims
-from internvl.tools.resource_estimates import GIB, estimate_disk_usage, estimate_gpu_memory
+from internvl.tools.resource_estimates import GIB, estimate_disk_usage, estimate_gpu_memory, max_uncheckpointed_layers
+
+# One GPU, ZeRO-2, micro-batch 1 of 4,490 tokens (16 frames, 77 supervised): the 1 x GA 16 rows measured on
+# 1 x H200 on 2026-12-01 (issue 11): peak allocated 10.3 GiB with every layer checkpointed, 41.2 GiB with none.
+ONE_GPU_ZERO2 = dict(lora_rank=32, micro_batch_size=1, max_seq_length=4490, max_num_frame=16, answer_tokens=77,
+                     num_gpus=1, zero_stage=2, offload_param=False, offload_optimizer=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +75,36 @@ def test_disk_estimate(internvl3_8b):
     assert three.total - one.total == 2 * one.checkpoint
     assert one.merged_model == 2 * internvl3_8b.total_params  # bf16
     assert 14 < one.merged_model / GIB < 16  # the official release is 15.9 GB
+
+
+def test_each_uncheckpointed_layer_adds_what_its_forward_keeps(internvl3_8b):
+    d = internvl3_8b
+    tokens = ONE_GPU_ZERO2["micro_batch_size"] * ONE_GPU_ZERO2["max_seq_length"]
+    kept = 18 * d.hidden_size + 2 * d.kv_width + 4.5 * d.intermediate_size  # bf16 elements per token
+    peaks = [estimate_gpu_memory(d, uncheckpointed_layers=n, **ONE_GPU_ZERO2).train_peak for n in range(0, 29, 7)]
+    steps = {later - earlier for earlier, later in zip(peaks, peaks[1:])}
+    # Per layer, its activations come in (bf16) and its checkpointed input goes.
+    assert steps == {7 * 2 * tokens * (kept - d.hidden_size)}
+
+
+@pytest.mark.parametrize("layers, measured_gib", [(0, 10.3), (28, 41.2)])
+def test_estimate_with_and_without_checkpointing_is_close_to_the_measurements(internvl3_8b, layers, measured_gib):
+    estimate = estimate_gpu_memory(internvl3_8b, uncheckpointed_layers=layers, **ONE_GPU_ZERO2)
+    assert 0.9 * measured_gib < estimate.peak / GIB < 1.2 * measured_gib
+
+
+def test_uncheckpointed_layers_must_exist(internvl3_8b):
+    with pytest.raises(ValueError, match=r"uncheckpointed_layers must be in \[0, 28\], got 29"):
+        estimate_gpu_memory(internvl3_8b, uncheckpointed_layers=29, **ONE_GPU_ZERO2)
+
+
+def test_the_most_layers_that_fit_a_budget(internvl3_8b):
+    def peak(layers):
+        return estimate_gpu_memory(internvl3_8b, uncheckpointed_layers=layers, **ONE_GPU_ZERO2).peak
+
+    assert max_uncheckpointed_layers(internvl3_8b, peak(10), **ONE_GPU_ZERO2) == 10
+    assert max_uncheckpointed_layers(internvl3_8b, peak(11) - 1, **ONE_GPU_ZERO2) == 10
+    assert max_uncheckpointed_layers(internvl3_8b, peak(28), **ONE_GPU_ZERO2) == 28
+    assert max_uncheckpointed_layers(internvl3_8b, peak(0) - 1, **ONE_GPU_ZERO2) == 0
+    assert "10 un-checkpointed layers" in estimate_gpu_memory(internvl3_8b, uncheckpointed_layers=10,
+                                                              **ONE_GPU_ZERO2).summary()  # fmt: skip

@@ -70,9 +70,10 @@ def test_unsupported_official_flags_at_their_default_are_accepted():
 
 def test_unsupported_official_flags_set_otherwise_are_rejected_together():
     with pytest.raises(ValueError) as error:
-        parse_args(MINIMAL + ["--num_images_expected", "48", "--strict_mode=True", "--use_liger"])
+        parse_args(MINIMAL + ["--num_images_expected", "48", "--strict_mode=True", "--use_data_resampling"])
     text = str(error.value)
-    assert "--num_images_expected 48" in text and "--strict_mode True" in text and "--use_liger True" in text
+    assert "--num_images_expected 48" in text and "--strict_mode True" in text
+    assert "--use_data_resampling True" in text
 
 
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])
@@ -161,3 +162,19 @@ def test_deepspeed_auto_values_are_filled_from_the_command_line():
     assert config["optimizer"]["params"]["lr"] == 1e-4
     assert config["optimizer"]["params"]["weight_decay"] == 0.05
     assert config["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, prefetch",
+    [
+        (["--dataloader_num_workers", "4", "--gradient_accumulation_steps", "4"], 2),
+        (["--dataloader_num_workers", "4", "--gradient_accumulation_steps", "16"], 4),
+        (["--dataloader_num_workers", "3", "--gradient_accumulation_steps", "16"], 6),
+        (["--dataloader_num_workers", "4", "--gradient_accumulation_steps", "16", "--dataloader_prefetch_factor", "3"],
+         3),
+        (["--dataloader_num_workers", "0", "--gradient_accumulation_steps", "16"], None),
+    ],
+)  # fmt: skip
+def test_loader_workers_hold_one_optimizer_step_of_micro_batches(extra, prefetch):
+    _, _, training_args = parse_args(MINIMAL + extra)
+    assert training_args.dataloader_prefetch_factor == prefetch

@@ -30,6 +30,9 @@ def arguments(output_dir, *extra):
         (["--do_train", "True"], "4-bit LLM cannot be trained directly"),
         (["--do_train", "True", "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True"],
          "nothing to train"),
+        (["--do_train", "True", "--use_llm_lora", "8", "--grad_checkpoint", "False",
+          "--grad_checkpoint_skip_layers", "auto"], "gradient checkpointing, which is off"),
+        (["--do_train", "True", "--use_llm_lora", "8", "--grad_checkpoint_memory_gb", "0"], "must be positive"),
     ],
 )  # fmt: skip
 def test_arguments_that_cannot_train_are_refused_before_loading(tmp_path, extra, message):

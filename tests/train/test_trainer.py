@@ -194,6 +194,24 @@ def test_evaluation_computes_the_loss_without_full_logits(
     assert metrics["eval_loss"] == pytest.approx(loss, abs=1e-5)
 
 
+
+def test_zero3_leaf_modules_that_would_drop_gradients_are_refused(tiny_lora_model):
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+    from internvl.model.vision import InternVisionModel
+    from internvl.train.trainer import check_zero3_leaf_modules
+
+    check_zero3_leaf_modules(tiny_lora_model)  # no leaves
+    # Decoder layers (hidden states passed positionally) and the frozen vision tower may be leaves.
+    set_z3_leaf_modules(tiny_lora_model, [Qwen2DecoderLayer, InternVisionModel])
+    check_zero3_leaf_modules(tiny_lora_model)
+    # The LLM body, fed inputs_embeds by keyword, holding the LoRA weights: its gradients would be dropped.
+    set_z3_leaf_modules(tiny_lora_model, [Qwen2Model])
+    with pytest.raises(ValueError, match=r"made language_model\.base_model\.model\.model a leaf module"):
+        check_zero3_leaf_modules(tiny_lora_model)
+
+
 # The 2-process run: DeepSpeed ZeRO-3 (gradient averaging over processes, its own gradient-accumulation scaling) with
 # a plain SGD step, so the weights after one step are the initial weights minus the learning rate times the gradient.
 ZERO3_WITH_TRAINER_OPTIMIZER = {

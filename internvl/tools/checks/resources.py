@@ -15,13 +15,16 @@ from internvl.constants import INTERNVL3_8B_CONFIG
 from internvl.tools.checks.context import CheckContext, Checked
 from internvl.tools.checks.results import fail, ok, size, warn
 from internvl.tools.checks.settings import int_or
-from internvl.tools.resource_estimates import estimate_disk_usage, estimate_gpu_memory
+from internvl.tools.resource_estimates import (
+    ASSUMED_ANSWER_TOKENS,
+    GIB,
+    estimate_disk_usage,
+    estimate_gpu_memory,
+    max_uncheckpointed_layers,
+)
 
 if TYPE_CHECKING:  # the model package pulls in torch and transformers: imported when the estimate is made
     from internvl.model.dims import ModelDims
-
-# Supervised tokens per sample assumed by the memory estimate when the data cannot be read.
-ASSUMED_ANSWER_TOKENS = 512
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -43,6 +46,22 @@ def _dims_for_estimates(model_config) -> tuple[ModelDims, str]:
     return ModelDims.from_config(config), f" [for InternVL3-8B, {INTERNVL3_8B_CONFIG.name}: no model config read]"
 
 
+def _uncheckpointed_layers(context: CheckContext, dims: ModelDims, settings: dict) -> int:
+    """Decoder layers training leaves out of gradient checkpointing (--grad_checkpoint_skip_layers; for "auto",
+    what training takes on the smallest GPU used, none without a GPU)."""
+    from internvl.train.memory_budget import BUDGET_SHARE
+
+    model_args = context.settings.model_args
+    if not model_args.grad_checkpoint:
+        return dims.num_layers
+    layers = model_args.skip_layers_setting()
+    if layers != "auto":
+        return min(layers, dims.num_layers)
+    memory = model_args.grad_checkpoint_memory_gb * GIB if model_args.grad_checkpoint_memory_gb else None
+    memory = memory or (min(context.gpu_memory[: max(1, context.settings.gpus)]) if context.gpu_memory else None)
+    return max_uncheckpointed_layers(dims, int(BUDGET_SHARE * memory), **settings) if memory else 0
+
+
 def check_memory(context: CheckContext) -> Checked:
     """The GPU memory the settings need (``internvl.tools.resource_estimates``) against the smallest GPU used.
     Finds ``memory_estimate``."""
@@ -50,8 +69,7 @@ def check_memory(context: CheckContext) -> Checked:
     dims, assumption = _dims_for_estimates(context.model_config)
     zero = (context.deepspeed_config or {}).get("zero_optimization") or {}
     answer_tokens = context.answer_tokens or ASSUMED_ANSWER_TOKENS
-    estimate = estimate_gpu_memory(
-        dims,
+    settings = dict(
         lora_rank=s.lora_rank,
         micro_batch_size=s.per_device_batch_size,
         max_seq_length=s.data_args.max_seq_length,
@@ -63,6 +81,8 @@ def check_memory(context: CheckContext) -> Checked:
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
         double_quant=s.model_args.bnb_4bit_use_double_quant,
     )
+    estimate = estimate_gpu_memory(dims, uncheckpointed_layers=_uncheckpointed_layers(context, dims, settings),
+                                   **settings)  # fmt: skip
     context = replace(context, memory_estimate=estimate)
     answers = f"{answer_tokens} answer tokens" + ("" if context.answer_tokens else " assumed (no data read)")
     needs = (f"{estimate.summary()} for micro-batch {s.per_device_batch_size} × {s.data_args.max_seq_length} "

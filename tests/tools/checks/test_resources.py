@@ -6,11 +6,15 @@ import json
 from dataclasses import replace
 from types import SimpleNamespace
 
+import pytest
+
 from internvl.constants import INTERNVL3_8B_CONFIG
 from internvl.model.configuration import InternVLChatConfig
 from internvl.tools.checks import Status, resources
+from internvl.tools.checks.context import CheckContext
+from internvl.tools.checks.settings import SetupSettings
 from internvl.tools.resource_estimates import GIB
-from tests.tools.checks.test_settings import REPO, context_for
+from tests.tools.checks.test_settings import REPO, context_for, launcher_env
 
 
 def test_memory_check_compares_with_the_smallest_gpu(good_setup):
@@ -33,6 +37,18 @@ def test_memory_check_says_what_it_assumed(good_setup):
     assert result.status == Status.WARN  # no GPU here
     assert "for InternVL3-8B" in result.message
     assert f"{resources.ASSUMED_ANSWER_TOKENS} answer tokens assumed" in result.message
+
+
+@pytest.mark.parametrize(
+    "training_args, layers",
+    [([], 0), (["--grad_checkpoint_skip_layers", "4"], 4), (["--grad_checkpoint", "False"], 28),
+     (["--grad_checkpoint_skip_layers", "auto", "--grad_checkpoint_memory_gb", "1000"], 28)],
+)  # fmt: skip
+def test_memory_estimate_follows_the_checkpointing_flags(good_setup, training_args, layers):
+    settings = SetupSettings.from_launcher(launcher_env(good_setup), training_args, visible_gpus=0)
+    context = replace(CheckContext(settings), model_config=InternVLChatConfig.from_pretrained(INTERNVL3_8B_CONFIG))
+    _, found = resources.check_memory(context)
+    assert found.memory_estimate.uncheckpointed_layers == layers
 
 
 def test_output_folder_and_disk_space(good_setup, tmp_path, monkeypatch):
