@@ -135,6 +135,8 @@ variant() {  # one named variant of the benchmark
     zero2_b2_auto) tokens=$(tokens_per_sample); run zero2_b2_auto 200 --deepspeed zero_stage2_config.json --per-device-batch-size 2 --grad-accum 8 --max-seq-length "$tokens" -- --grad_checkpoint_skip_layers auto ;;
     # ZeRO-3's own cost: whole decoder layers fetched at once, against default_profile.
     default_layer_leaf) run default_layer_leaf 240 --deepspeed "$R/zero3_layer_leaf.json" ;;
+    # ZeRO-2 with both levers: the candidate best mode.
+    zero2_levers) tokens=$(tokens_per_sample); run zero2_levers 240 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     # The guide's default with the levers, on a 48 GB and a 24 GB card.
     default_levers) tokens=$(tokens_per_sample); run default_levers 240 --deepspeed zero_stage3_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     default_levers_24gb) tokens=$(tokens_per_sample); run default_levers_24gb 240 --deepspeed zero_stage3_config.json --gpu-memory-cap-gb 22.5 --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
