@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # importing the model package pulls in torch and transformers
 GIB = 1024**3
 # Supervised tokens per sample assumed when the data is not read (answers of video summaries stay well below it).
 ASSUMED_ANSWER_TOKENS = 512
+ZERO3_UNCHECKPOINTED_LAYER_FACTOR = 1.15
 
 
 def nf4_bytes_per_param(double_quant: bool, blocksize: int = 64) -> float:
@@ -32,9 +33,12 @@ class MemoryEstimate:
     lora_states: int  # LoRA weights, gradients and optimizer states on the GPU
     checkpointed_activations: int  # the hidden states gradient checkpointing keeps, for the whole step
     uncheckpointed_activations: int  # what the forward of the layers left out of checkpointing keeps for backward
-    # Three phases of a step, which do not overlap: the largest one counts.
+    # Phases of a step, which do not overlap: the largest one counts. The layers left out of checkpointing are the
+    # last ones, so their activations live through the logits and their own backward, and are gone by the time
+    # backward reaches the checkpointed layers and recomputes them.
     vision_activations: int  # the frozen ViT forward on every frame of the micro-batch (no grad)
     logits: int  # LM-head output at supervised positions, its fp32 log-softmax and their gradients
+    layer_gradients: int  # the gradients one decoder layer's backward creates
     layer_activations: int  # one decoder layer recomputed during backward, with its gradients
     uncheckpointed_layers: int
     dequantized_weight: int  # the largest projection dequantized to bf16 for its matmul
@@ -42,12 +46,18 @@ class MemoryEstimate:
     tokens_per_micro_batch: int
     frames_per_sample: int
 
+    def phases(self) -> dict[str, int]:
+        """What each phase of the step adds to the weights, LoRA states, checkpoints and buffers."""
+        after_forward = self.logits
+        if self.uncheckpointed_layers:
+            after_forward = self.uncheckpointed_activations + max(self.logits, self.layer_gradients)
+        return {"ViT": self.vision_activations, "logits": after_forward, "layer recompute": self.layer_activations}
+
     @property
     def train_peak(self) -> int:
-        largest_phase = max(self.vision_activations, self.logits, self.layer_activations)
         return (
-            self.resident_weights + self.lora_states + self.checkpointed_activations
-            + self.uncheckpointed_activations + largest_phase + self.dequantized_weight + self.cuda_overhead
+            self.resident_weights + self.lora_states + self.checkpointed_activations + max(self.phases().values())
+            + self.dequantized_weight + self.cuda_overhead
         )  # fmt: skip
 
     @property
@@ -60,17 +70,17 @@ class MemoryEstimate:
         return values
 
     def summary(self) -> str:
-        phases = {"ViT": self.vision_activations, "logits": self.logits, "layer recompute": self.layer_activations}
+        phases = self.phases()
         largest = max(phases, key=phases.get)
+        if largest == "logits" and self.uncheckpointed_layers:
+            largest = f"logits and backward of {self.uncheckpointed_layers} un-checkpointed layers"
         parts = [
             ("weights", self.resident_weights),
             ("LoRA+optimizer", self.lora_states),
             ("checkpoints", self.checkpointed_activations),
-            (largest, phases[largest]),
+            (largest, max(phases.values())),
             ("CUDA+buffers", self.dequantized_weight + self.cuda_overhead),
         ]
-        if self.uncheckpointed_layers:
-            parts.insert(3, (f"{self.uncheckpointed_layers} un-checkpointed layers", self.uncheckpointed_activations))
         detail = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts)
         return (
             f"≈{self.peak / GIB:.1f} GiB per GPU (training {self.train_peak / GIB:.1f}: {detail}; "
@@ -92,13 +102,15 @@ def estimate_gpu_memory(
     offload_optimizer: bool,
     double_quant: bool = True,
     uncheckpointed_layers: int = 0,
+    fused_kernels: bool = False,
     cuda_overhead: int = GIB,
 ) -> MemoryEstimate:
     """Peak GPU memory per rank for QLoRA training of ``dims`` in bf16 with gradient checkpointing.
 
     ``answer_tokens`` is the most supervised tokens of one sample: the model computes logits only there.
     ``num_gpus`` is the number of ranks ZeRO partitions over. ``uncheckpointed_layers`` decoder layers keep their
-    activations instead of being recomputed (all of them: no gradient checkpointing). The formula is explained in
+    activations instead of being recomputed (all of them: no gradient checkpointing). ``fused_kernels``: Liger's
+    RMSNorm and SwiGLU (``--use_liger``), which keep no fp32 copies and no SiLU output. The formula is explained in
     docs/SETUP.md.
     """
     if not 0 <= uncheckpointed_layers <= dims.num_layers:
@@ -137,6 +149,13 @@ def estimate_gpu_memory(
     # One Qwen2 layer recomputed in backward: the tensors its forward keeps, with the temporaries of its backward
     # (20h + 4kv + 6i), and the gradients its backward creates (4h + 3i).
     layer_per_token = 24 * h + 4 * kv + 9 * i
+    if fused_kernels:  # Liger's norms keep only their input, its SwiGLU recomputes the SiLU in backward
+        kept_per_layer_token -= 6 * h + i
+        layer_per_token -= 6 * h + i
+    if zero_stage >= 3:
+        # Measured, cause not traced: under ZeRO-3 each layer left out of checkpointing held 15% more than this
+        # count (1 x H200, 2026-12-02, docs/BENCHMARKS.md); without it the estimate would fall 10% short.
+        kept_per_layer_token *= ZERO3_UNCHECKPOINTED_LAYER_FACTOR
     # Logits [N, vocab] for the N supervised (sample, position) pairs of the micro-batch.
     supervised_tokens = b * min(s, answer_tokens)
     # Frozen ViT under no_grad: one layer's tensors at a time, for every tile of the micro-batch.
@@ -151,6 +170,7 @@ def estimate_gpu_memory(
         vision_activations=2 * vision_per_tile * b * frames,
         # bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4 + bf16 gradient 2 bytes per vocabulary entry.
         logits=12 * v * supervised_tokens,
+        layer_gradients=2 * (4 * h + 3 * i) * tokens,
         layer_activations=2 * layer_per_token * tokens,
         uncheckpointed_layers=uncheckpointed_layers,
         dequantized_weight=2 * h * i,

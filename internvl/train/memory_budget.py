@@ -51,6 +51,7 @@ def auto_uncheckpointed_layers(model, model_args, data_args, training_args) -> t
         offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
         double_quant=model_args.bnb_4bit_use_double_quant,
+        fused_kernels=model_args.use_liger,
     )
     return layers, budget
 

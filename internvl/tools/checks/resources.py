@@ -80,6 +80,7 @@ def check_memory(context: CheckContext) -> Checked:
         offload_param=(zero.get("offload_param") or {}).get("device", "none") != "none",
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") != "none",
         double_quant=s.model_args.bnb_4bit_use_double_quant,
+        fused_kernels=s.model_args.use_liger,
     )
     estimate = estimate_gpu_memory(dims, uncheckpointed_layers=_uncheckpointed_layers(context, dims, settings),
                                    **settings)  # fmt: skip
