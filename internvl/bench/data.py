@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from internvl.data import InternVLDataCollator, build_datasets, build_transform, probe_video, read_video_frames
-from internvl.data.dataset import MetaEntry, write_meta
+from internvl.data.dataset import META_FOLDER, MetaEntry, write_meta
 from internvl.data.demo import encode_mp4
 from internvl.model.tiny import build_tiny_tokenizer
 
@@ -104,7 +104,14 @@ def run_data_benchmark(
             ],
         }
         (tmp / "bench.jsonl").write_text(json.dumps(record) + "\n")
-        entry = MetaEntry(root="/", annotation="bench.jsonl", length=samples, max_dynamic_patch=1, repeat_time=samples)
+        entry = MetaEntry(
+            root="/",
+            annotation="bench.jsonl",
+            length=samples,
+            max_dynamic_patch=1,
+            repeat_time=samples,
+            paths_relative_to=META_FOLDER,
+        )
         write_meta(tmp / "meta.json", {"bench": entry})
         tokenizer = build_tiny_tokenizer()
         dataset, _ = build_datasets(tmp / "meta.json", tokenizer, min_num_frame=frames, max_num_frame=frames)
