@@ -101,7 +101,7 @@ def _resolve(meta_path: Path, entry: dict, key: str, where: str) -> Path:
         if (working_directory / path).exists():
             return working_directory / path
         base = f"the working directory {working_directory}, where relative paths start (as in the official trainer)"
-        fix = "start from the folder they are relative to (the one prepare ran in), or make them absolute"
+        fix = "run from the folder they are relative to (the one prepare ran in), or make them absolute"
         if (meta_folder / path).exists():
             fix = f"it is in the meta file's folder: add {_MARK} to the entry, or prepare again with --portable"
     raise FileNotFoundError(f"{where}: {key} {value!r} not found in {base}; {fix}")

@@ -304,7 +304,7 @@ def test_relative_paths_start_from_one_folder_only(tmp_path, monkeypatch, tiny_t
     with pytest.raises(FileNotFoundError, match=re.escape(expected)):
         load_meta(meta_path)
     (other / "d.jsonl").unlink()
-    fix = "fix the path" if marked else "start from the folder they are relative to (the one prepare ran in)"
+    fix = "fix the path" if marked else "run from the folder they are relative to (the one prepare ran in)"
     with pytest.raises(FileNotFoundError, match=re.escape("annotation 'd.jsonl' not found in the ")) as error:
         load_meta(meta_path)
     assert str(error.value).rsplit("; ", 1)[1].startswith(fix)
