@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from internvl.data import InternVLDataCollator, build_datasets, build_transform, probe_video, read_video_frames
-from internvl.data.dataset import META_FOLDER, MetaEntry, write_meta
+from internvl.data.dataset import MetaEntry, write_meta
 from internvl.data.demo import encode_mp4
 from internvl.model.tiny import build_tiny_tokenizer
 
@@ -103,14 +103,10 @@ def run_data_benchmark(
                 {"from": "gpt", "value": "A red circle moves from left to right."},
             ],
         }
-        (tmp / "bench.jsonl").write_text(json.dumps(record) + "\n")
+        annotation = tmp / "bench.jsonl"
+        annotation.write_text(json.dumps(record) + "\n")
         entry = MetaEntry(
-            root="/",
-            annotation="bench.jsonl",
-            length=samples,
-            max_dynamic_patch=1,
-            repeat_time=samples,
-            paths_relative_to=META_FOLDER,
+            root="/", annotation=str(annotation), length=samples, max_dynamic_patch=1, repeat_time=samples
         )
         write_meta(tmp / "meta.json", {"bench": entry})
         tokenizer = build_tiny_tokenizer()
