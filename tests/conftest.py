@@ -37,7 +37,8 @@ def demo_videos_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def good_setup(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     """What the setup check passes: the tiny model in the official sharded layout (``model/``), demo videos
-    (``raw/``) and data prepared from them (``data/``), side by side in one folder."""
+    (``raw/``) and data prepared from them (``data/``, portable: its paths start from its folder), side by side in
+    one folder."""
     import shutil
     from pathlib import Path
 
@@ -47,7 +48,7 @@ def good_setup(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     base = tmp_path_factory.mktemp("setup")
     write_sharded_checkpoint(Path(tiny_model_dir), base / "model")
     shutil.copytree(demo_videos_dir, base / "raw")
-    prepare_dataset(base / "raw", base / "data", progress=False)
+    prepare_dataset(base / "raw", base / "data", portable=True, progress=False)
     return base
 
 

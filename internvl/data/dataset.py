@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 EVAL_SUFFIX = "_val"
 META_KEYS = ("root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "length")
+# Our one key beside the official ones (the official trainer reads the entries' keys by name and ignores others):
+# with it, the entry's relative paths start from the meta file's folder instead of the working directory.
+PATHS_RELATIVE_TO = "paths_relative_to"
+META_FOLDER = "meta_folder"
+_MARK = f'"{PATHS_RELATIVE_TO}": "{META_FOLDER}"'  # as it reads in the file, for messages
 # Bad-sample policy: one unreadable file is skipped; a dataset that is mostly unreadable is an error.
 MAX_CONSECUTIVE_FAILURES = 10
 FAILURE_WINDOW = 50
@@ -75,27 +80,38 @@ class DatasetSpec:
         return self.name.endswith(EVAL_SUFFIX)
 
 
-def _resolve(meta_dir: Path, value: str, what: str, meta_path: Path) -> Path:
-    """Relative paths in ``meta.json`` are relative to its folder; the official code took them relative to the
-    working directory, which is tried second so existing meta files keep working."""
+def _resolve(meta_path: Path, entry: dict, key: str, where: str) -> Path:
+    """The path ``entry[key]`` names, by the one rule of ``load_meta``. The other folder is only looked in to say
+    what to fix."""
+    value = entry[key]
     path = Path(value).expanduser()
     if path.is_absolute():
         if path.exists():
             return path
-        raise FileNotFoundError(f"{meta_path}: {what} {value!r} does not exist; fix the path")
-    for candidate in (meta_dir / path, Path.cwd() / path):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(
-        f"{meta_path}: {what} {value!r} not found relative to the meta file's folder ({meta_dir}) nor to the "
-        "working directory; fix the path (relative paths are taken from the meta file's folder)"
-    )
+        raise FileNotFoundError(f"{where}: {key} {value!r} does not exist; fix the path")
+    meta_folder, working_directory = meta_path.parent.absolute(), Path.cwd()
+    if entry.get(PATHS_RELATIVE_TO) == META_FOLDER:
+        if (meta_folder / path).exists():
+            return meta_folder / path
+        base = f"the meta file's folder {meta_folder}, where this entry's relative paths start ({_MARK})"
+        fix = "fix the path"
+        if (working_directory / path).exists():
+            fix = f'it is in the working directory: remove "{PATHS_RELATIVE_TO}" from the entry'
+    else:
+        if (working_directory / path).exists():
+            return working_directory / path
+        base = f"the working directory {working_directory}, where relative paths start (as in the official trainer)"
+        fix = "run from the folder they are relative to (the one prepare ran in), or make them absolute"
+        if (meta_folder / path).exists():
+            fix = f"it is in the meta file's folder: add {_MARK} to the entry, or prepare again with --portable"
+    raise FileNotFoundError(f"{where}: {key} {value!r} not found in {base}; {fix}")
 
 
 @dataclass(frozen=True)
 class MetaEntry:
-    """One ``meta.json`` entry as ``write_meta`` writes it: the official keys, paths as written (relative to the meta
-    file's folder, or absolute)."""
+    """One ``meta.json`` entry as ``write_meta`` writes it: the official keys, paths as written (absolute, or relative
+    as ``load_meta`` reads them: to the working directory, or to the meta file's folder with
+    ``paths_relative_to=META_FOLDER``)."""
 
     root: str
     annotation: str
@@ -103,9 +119,11 @@ class MetaEntry:
     data_augment: bool = False
     max_dynamic_patch: int | None = None  # None: not written, the training's --max_dynamic_patch applies
     repeat_time: float = 1
+    paths_relative_to: str | None = None  # META_FOLDER, or None: the working directory
 
     def to_json(self) -> dict:
-        return {key: getattr(self, key) for key in META_KEYS if getattr(self, key) is not None}
+        keys = (*META_KEYS, PATHS_RELATIVE_TO)
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
 def _check_meta_entry(entry, where: str) -> None:
@@ -125,6 +143,11 @@ def _check_meta_entry(entry, where: str) -> None:
     max_patch = entry.get("max_dynamic_patch")
     if max_patch is not None and (not isinstance(max_patch, int) or max_patch < 1):
         raise ValueError(f"{where}: 'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+    if entry.get(PATHS_RELATIVE_TO, META_FOLDER) != META_FOLDER:
+        raise ValueError(
+            f'{where}: "{PATHS_RELATIVE_TO}" must be "{META_FOLDER}" (relative paths start from the meta file\'s '
+            f"folder), or be left out (they start from the working directory), got {entry[PATHS_RELATIVE_TO]!r}"
+        )
 
 
 def write_meta(meta_path: str | os.PathLike, entries: Mapping[str, MetaEntry]) -> None:
@@ -141,7 +164,13 @@ def write_meta(meta_path: str | os.PathLike, entries: Mapping[str, MetaEntry]) -
 
 def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     """Read and check ``meta.json``: ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time,
-    length}}`` (``length`` is informational and ``max_dynamic_patch`` optional)."""
+    length}}`` (``length`` is informational and ``max_dynamic_patch`` optional).
+
+    Paths, one rule: an absolute path is used as it is; a relative one starts from the working directory, as in the
+    official trainer, unless its entry has ``"paths_relative_to": "meta_folder"`` (what prepare's ``--portable``
+    writes): then it starts from the meta file's folder. Only that one place is looked in, so a path never resolves
+    to a different file by accident; a path not found there is a ``FileNotFoundError`` naming the entry, the
+    folder and the fix."""
     meta_path = Path(meta_path)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -155,12 +184,13 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
         raise ValueError(f"{meta_path}: expected a JSON object {{dataset name: settings}}, with at least one entry")
     specs = []
     for name, entry in meta.items():
-        _check_meta_entry(entry, f"{meta_path}: dataset {name!r}")
+        where = f"{meta_path}: dataset {name!r}"
+        _check_meta_entry(entry, where)
         specs.append(
             DatasetSpec(
                 name=name,
-                root=_resolve(meta_path.parent, entry["root"], "root", meta_path),
-                annotation=_resolve(meta_path.parent, entry["annotation"], "annotation", meta_path),
+                root=_resolve(meta_path, entry, "root", where),
+                annotation=_resolve(meta_path, entry, "annotation", where),
                 data_augment=bool(entry.get("data_augment", False)),
                 max_dynamic_patch=entry.get("max_dynamic_patch"),
                 repeat_time=entry.get("repeat_time", 1),

@@ -19,7 +19,7 @@ PREPARE_COMMAND = "python scripts/prepare_internvl3_finetuning.py --input <annot
 def check_data(context: CheckContext) -> Checked:
     """``meta.json``, every record of its annotation files, the referenced media (all, or a sample), and the
     longest micro-batch built as training builds it. Finds ``answer_tokens``."""
-    from internvl.data.dataset import EVAL_SUFFIX, META_KEYS, load_meta
+    from internvl.data.dataset import EVAL_SUFFIX, META_KEYS, PATHS_RELATIVE_TO, load_meta
 
     s = context.settings
     meta_path = s.meta_path
@@ -33,10 +33,11 @@ def check_data(context: CheckContext) -> Checked:
     except (OSError, ValueError) as error:
         return [fail("meta.json", str(error), f"fix {meta_path}, or write it again with {PREPARE_COMMAND}")], context
     results = []
-    unknown = sorted({f"{name}.{key}" for name, entry in raw.items() for key in entry if key not in META_KEYS})
+    known = (*META_KEYS, PATHS_RELATIVE_TO)
+    unknown = sorted({f"{name}.{key}" for name, entry in raw.items() for key in entry if key not in known})
     if unknown:
         results.append(warn("meta.json", f"unknown keys are ignored: {', '.join(unknown)}",
-                            f"the official keys are {', '.join(META_KEYS)}"))
+                            f"the official keys are {', '.join(META_KEYS)}, and ours {PATHS_RELATIVE_TO}"))
     evaluation = [spec.name for spec in specs if spec.is_eval]
     results.append(ok("meta.json", f"{len(specs) - len(evaluation)} training and {len(evaluation)} evaluation "
                                    f"dataset(s): {', '.join(spec.name for spec in specs)}"))
