@@ -18,6 +18,7 @@ the same in both layouts, so a LoRA adapter of the LLM (keyed relative to it) ap
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -372,7 +373,7 @@ def hf_chat_template(conversation: Conversation) -> str:
     """A Jinja chat template rendering ``conversation``'s format (system block, roles, separator), with its system
     message when the messages bring none, and the -hf processor's placeholders for images and videos: the prompt
     the model was trained on, as transformers' processor and vLLM build it."""
-    literal = json.dumps  # a JSON string is a valid Jinja string literal
+    literal = functools.partial(json.dumps, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
     system_prefix, _, system_suffix = conversation.system_template.partition("{system_message}")
     user, assistant = conversation.roles
     return (
