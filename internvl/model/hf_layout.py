@@ -455,4 +455,9 @@ def save_in_hf_layout(
     written["text_config"] = with_legacy_rope_keys(written["text_config"])
     config_file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(output_dir)
-    build_hf_processor(config, output_dir).save_pretrained(output_dir)
+    processor = build_hf_processor(config, output_dir)
+    processor.save_pretrained(output_dir)
+    # transformers 5 nests the image and video processors in processor_config.json; transformers 4 (and the
+    # released -hf folders) keep them in files of their own.
+    processor.image_processor.save_pretrained(output_dir)
+    processor.video_processor.save_pretrained(output_dir)

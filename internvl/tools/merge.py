@@ -65,7 +65,7 @@ def merge_lora(
     layout: str = ORIGINAL_LAYOUT,
 ) -> dict:
     """Write the merged model of ``input_path`` into ``output_path`` (sharded safetensors) in ``layout``:
-    ``"original"`` (the official one) or ``"hf"``, whichever layout the base model has.
+    ``"original"`` (the official one) or ``"hf"``, from a base model in either layout.
 
     The folder is assembled in a temporary sibling and renamed into place when complete. In the official layout,
     remote-code files (``*.py``) of the base checkpoint are copied along, so

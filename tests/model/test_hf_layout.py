@@ -11,9 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, AutoTokenizer, InternVLForConditionalGeneration
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    AutoVideoProcessor,
+    InternVLForConditionalGeneration,
+)
 
-from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, INTERNVL3_8B_CONFIG
+from internvl.constants import IMAGENET_MEAN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, INTERNVL3_8B_CONFIG
 from internvl.conversation import get_conv_template
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_internvl_model
 from internvl.model.hf_layout import (
@@ -86,6 +93,11 @@ def test_hf_folder_is_what_transformers_writes_and_its_processor_reads(tiny_hf_m
     assert tokenizer.context_image_token_id == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     assert config["image_token_id"] == tokenizer.context_image_token_id
     assert config["text_config"]["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert type(AutoModelForImageTextToText.from_pretrained(tiny_hf_model_dir)) is InternVLForConditionalGeneration
+    # The processors as training prepares tiles (transformers 4 reads them from files of their own).
+    image_processor = AutoImageProcessor.from_pretrained(tiny_hf_model_dir)
+    assert (image_processor.max_patches, image_processor.size["height"]) == (12, 448)
+    assert tuple(AutoVideoProcessor.from_pretrained(tiny_hf_model_dir).image_mean) == IMAGENET_MEAN
     processor = AutoProcessor.from_pretrained(tiny_hf_model_dir)
     image = torch.randint(0, 256, (3, 448, 448), dtype=torch.uint8)
     inputs = processor(images=[image], text=[f"{IMG_CONTEXT_TOKEN}\nDescribe the image."], return_tensors="pt")
