@@ -48,6 +48,7 @@ from internvl.constants import (
 )
 from internvl.conversation import Conversation, get_conv_template
 from internvl.model.configuration import InternVLChatConfig, with_legacy_rope_keys
+from internvl.model.internvl_chat import InternVLChatModel
 
 ORIGINAL_LAYOUT = "original"
 HF_LAYOUT = "hf"
@@ -157,18 +158,18 @@ def original_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def hf_weight_conversions() -> list[WeightRenaming | WeightConverter]:
-    """transformers weight transforms that load an -hf checkpoint (either generation of its names) into
-    ``InternVLChatModel``: renames, then the fusing of q/k/v into ``qkv``."""
+    """transformers weight transforms that load an -hf checkpoint (either spelling of its names) into
+    ``InternVLChatModel``: renames, then the fusing of q/k/v into ``qkv``. The names inside the vision tower and
+    projector occur nowhere else in the model, so they are renamed wherever they stand."""
 
     def component(name: str) -> str:  # ``name`` as whole dotted components, in a key
         return r"\." + re.escape(name) + r"(?=\.|$)"
 
-    renamings = [
-        # Both spellings of each part: the in-memory names, and the transformers-4 ones written to disk.
-        WeightRenaming([f"^{re.escape(theirs)}\\."] + [f"^{re.escape(d)}\\." for m, d in _HF_DISK_PREFIXES
-                                                       if m == theirs and d != ours], f"{ours}.")
-        for ours, theirs in _PART_PREFIXES
-    ]  # fmt: skip
+    renamings = []
+    for ours, theirs in _PART_PREFIXES:
+        # Both spellings of the part: transformers' in-memory name and the one it writes to disk.
+        spellings = sorted({theirs, hf_disk_name(theirs + ".").removesuffix(".")} - {ours})
+        renamings.append(WeightRenaming([f"^{re.escape(name)}\\." for name in spellings], f"{ours}."))
     renamings += [WeightRenaming(component(theirs), "." + ours) for ours, theirs in _VISION_NAMES]
     renamings += [WeightRenaming(r"^mlp1" + component(theirs), f"mlp1.{ours}") for ours, theirs in _PROJECTOR_NAMES]
     fused, split = _FUSED_QKV
@@ -177,17 +178,18 @@ def hf_weight_conversions() -> list[WeightRenaming | WeightConverter]:
 
 
 @contextlib.contextmanager
-def reading_hf_layout(model_class: type) -> Iterator[None]:
-    """While the block runs, ``model_class.from_pretrained`` reads -hf checkpoints (see ``hf_weight_conversions``).
+def reading_hf_layout() -> Iterator[None]:
+    """While the block runs, ``InternVLChatModel.from_pretrained`` reads -hf checkpoints (``hf_weight_conversions``).
 
     The transforms are registered for the block only: registered for good, transformers would also apply them in
-    reverse whenever such a model is saved, writing the official config beside -hf tensor names.
+    reverse whenever an ``InternVLChatModel`` is saved, writing -hf tensor names beside the official config.
     """
-    register_checkpoint_conversion_mapping(model_class.__name__, hf_weight_conversions(), overwrite=True)
+    name = InternVLChatModel.__name__
+    register_checkpoint_conversion_mapping(name, hf_weight_conversions(), overwrite=True)
     try:
         yield
     finally:
-        register_checkpoint_conversion_mapping(model_class.__name__, None, overwrite=True)
+        register_checkpoint_conversion_mapping(name, None, overwrite=True)
 
 
 def finish_hf_load(model: torch.nn.Module, loading_info: dict, path: str | Path) -> None:
@@ -255,64 +257,71 @@ def _square(value: Any, name: str) -> int:
     return int(sides[0])
 
 
+# Vision-tower config fields: (InternVisionConfig's name, InternVLVisionConfig's name).
+_VISION_FIELDS = (
+    ("hidden_size", "hidden_size"),
+    ("num_hidden_layers", "num_hidden_layers"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("intermediate_size", "intermediate_size"),
+    ("qkv_bias", "attention_bias"),
+    ("qk_normalization", "use_qk_norm"),
+    ("hidden_act", "hidden_act"),
+    ("norm_type", "norm_type"),
+    ("layer_norm_eps", "layer_norm_eps"),
+    ("num_channels", "num_channels"),
+    ("dropout", "hidden_dropout_prob"),
+    ("attention_dropout", "attention_dropout"),
+    ("initializer_range", "initializer_range"),
+    ("initializer_factor", "layer_scale_init_value"),  # the official code's layer-scale init value
+)
+# The LLM class of an -hf text_config that does not name its architecture, by its model_type.
+_LLM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
 def chat_config_from_hf(raw: dict[str, Any]) -> InternVLChatConfig:
-    """``InternVLChatConfig`` of a parsed -hf ``config.json`` (what our model needs to hold the same weights)."""
-    vision = raw.get("vision_config") or {}
-    text = dict(raw["text_config"])
-    unsupported = {
-        "vision_config.use_mean_pooling": (vision.get("use_mean_pooling", True), True),  # False adds a final norm
-        "vision_config.use_mask_token": (vision.get("use_mask_token", False), False),
-        "vision_config.use_absolute_position_embeddings": (vision.get("use_absolute_position_embeddings", True), True),
-        "vision_feature_select_strategy": (raw.get("vision_feature_select_strategy", "default"), "default"),
-        "projector_hidden_act": (raw.get("projector_hidden_act", "gelu"), "gelu"),
-    }  # fmt: skip
-    for field, (value, expected) in unsupported.items():
+    """``InternVLChatConfig`` of a parsed -hf ``config.json``: what ``InternVLChatModel`` needs to hold the same
+    weights. What the file leaves out has transformers' defaults, as when transformers reads it."""
+    hf = InternVLConfig.from_dict(raw)
+    vision = hf.vision_config
+    required = {
+        "vision_config.use_mean_pooling": (vision.use_mean_pooling, True),  # False adds a final norm
+        "vision_config.use_mask_token": (vision.use_mask_token, False),
+        "vision_config.use_absolute_position_embeddings": (vision.use_absolute_position_embeddings, True),
+        "vision_feature_select_strategy": (hf.vision_feature_select_strategy, "default"),  # "full" keeps CLS
+        "projector_hidden_act": (hf.projector_hidden_act, "gelu"),
+    }
+    for field, (value, expected) in required.items():
         if value != expected:
             raise ValueError(f"{field} is {value!r}; InternVL chat models have {expected!r}")
-    select_layer = raw.get("vision_feature_layer", -1)
-    if not isinstance(select_layer, int):
-        raise ValueError(f"vision_feature_layer {select_layer!r}: only a single layer is supported")
-    image_size = _square(vision.get("image_size", 448), "image_size")
+    if not isinstance(hf.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer {hf.vision_feature_layer!r}: only a single layer is supported")
+    text = hf.text_config.to_dict()
     if not text.get("architectures"):
-        architectures = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-        text["architectures"] = [architectures.get(text.get("model_type"), str(text.get("model_type")))]
+        text["architectures"] = [_LLM_ARCHITECTURES.get(text.get("model_type"), str(text.get("model_type")))]
+    image_size = _square(vision.image_size, "image_size")
     config = InternVLChatConfig(
-        vision_config=dict(
-            hidden_size=vision.get("hidden_size", 1024),
-            num_hidden_layers=vision.get("num_hidden_layers", 24),
-            num_attention_heads=vision.get("num_attention_heads", 16),
-            intermediate_size=vision.get("intermediate_size", 4096),
-            qkv_bias=vision.get("attention_bias", False),
-            qk_normalization=vision.get("use_qk_norm", False),
-            hidden_act=vision.get("hidden_act", "gelu"),
-            norm_type=vision.get("norm_type", "layer_norm"),
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-            image_size=image_size,
-            patch_size=_square(vision.get("patch_size", 14), "patch_size"),
-            num_channels=vision.get("num_channels", 3),
-            dropout=vision.get("hidden_dropout_prob", 0.0),
-            attention_dropout=vision.get("attention_dropout", 0.0),
-            initializer_range=vision.get("initializer_range", 0.02),
-            initializer_factor=vision.get("layer_scale_init_value", 0.1),
-            architectures=["InternVisionModel"],
-        ),
+        vision_config={
+            **{ours: getattr(vision, theirs) for ours, theirs in _VISION_FIELDS},
+            "image_size": image_size,
+            "patch_size": _square(vision.patch_size, "patch_size"),
+            "architectures": ["InternVisionModel"],
+        },
         llm_config=text,
         architectures=["InternVLChatModel"],
-        downsample_ratio=raw.get("downsample_ratio", 0.5),
-        select_layer=select_layer,
+        downsample_ratio=hf.downsample_ratio,
+        select_layer=hf.vision_feature_layer,
         force_image_size=image_size,
         ps_version="v2",  # transformers' pixel shuffle is the official v2 one
-        dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        dtype=hf.dtype,
         **HF_DEFAULT_SETTINGS,
     )
-    image_seq_length = raw.get("image_seq_length", config.num_image_token)
-    if image_seq_length != config.num_image_token:
+    if hf.image_seq_length != config.num_image_token:
         raise ValueError(
-            f"image_seq_length is {image_seq_length} but {image_size}px tiles with patch "
+            f"image_seq_length is {hf.image_seq_length} but {image_size}px tiles with patch "
             f"{config.vision_config.patch_size} and downsample_ratio {config.downsample_ratio} give "
             f"{config.num_image_token} tokens"
         )
-    if "image_token_id" in raw:
+    if "image_token_id" in raw:  # checked against the tokenizer when the model loads (not transformers' default)
         config.img_context_token_id = raw["image_token_id"]
     return config
 
@@ -333,26 +342,13 @@ def hf_config_from_chat(
     if eos_token_id is not None:
         text["eos_token_id"] = eos_token_id
     return InternVLConfig(
-        vision_config=dict(
-            hidden_size=vision.hidden_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            intermediate_size=vision.intermediate_size,
-            attention_bias=vision.qkv_bias,
-            use_qk_norm=vision.qk_normalization,
-            hidden_act=vision.hidden_act,
-            norm_type=vision.norm_type,
-            layer_norm_eps=vision.layer_norm_eps,
-            image_size=config.image_size,
-            patch_size=vision.patch_size,
-            num_channels=vision.num_channels,
-            hidden_dropout_prob=vision.dropout,
-            attention_dropout=vision.attention_dropout,
-            projection_dropout=vision.dropout,
-            initializer_range=vision.initializer_range,
-            layer_scale_init_value=vision.initializer_factor,
-            use_mean_pooling=True,  # InternViT has no final norm
-        ),
+        vision_config={
+            **{theirs: getattr(vision, ours) for ours, theirs in _VISION_FIELDS},
+            "image_size": config.image_size,
+            "patch_size": vision.patch_size,
+            "projection_dropout": vision.dropout,  # InternViT drops out after the projection with the same rate
+            "use_mean_pooling": True,  # InternViT has no final norm
+        },
         text_config=text,
         image_token_id=image_token_id,
         image_seq_length=config.num_image_token,

@@ -137,7 +137,7 @@ def load_internvl_model(
         if load_in_4bit
         else None
     )
-    with reading_hf_layout(InternVLChatModel) if layout == HF_LAYOUT else contextlib.nullcontext():
+    with reading_hf_layout() if layout == HF_LAYOUT else contextlib.nullcontext():
         model, loading_info = InternVLChatModel.from_pretrained(
             model_path,
             config=config,

@@ -105,6 +105,17 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def launcher_run(model_dir: Path, meta: Path, output_dir: Path, *, epochs: int, save_steps: int):
+    """``(command, env)`` of the launcher on two processes, one sample each per step (2 videos a step)."""
+    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
+           "BATCH_SIZE": "2", "MODEL_PATH": str(model_dir), "META_PATH": str(meta), "OUTPUT_DIR": str(output_dir),
+           "EPOCHS": str(epochs), "LR": "2e-3"}  # fmt: skip
+    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
+               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", str(save_steps),
+               *SMALL_RUN]  # fmt: skip
+    return command, env
+
+
 def check_run(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-6000:]}"
 
@@ -248,11 +259,7 @@ def test_module_run_without_deepspeed_resumes_with_the_trained_adapter(tiny_mode
 
 def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir, demo_meta, tmp_path):
     output_dir = tmp_path / "run"
-    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
-           "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_model_dir), "META_PATH": str(demo_meta),
-           "OUTPUT_DIR": str(output_dir), "EPOCHS": "2", "LR": "2e-3"}
-    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
-               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", "2", *SMALL_RUN]  # fmt: skip
+    command, env = launcher_run(tiny_model_dir, demo_meta, output_dir, epochs=2, save_steps=2)
 
     # Wait for the first complete checkpoint, then SIGKILL every process of the run at once.
     first_log = tmp_path / "first.log"
@@ -297,11 +304,7 @@ def test_launcher_trains_from_an_hf_checkpoint_whose_adapter_merges_onto_the_ori
     from internvl.tools.merge import merge_lora
 
     output_dir = tmp_path / "run"
-    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
-           "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_hf_model_dir), "META_PATH": str(demo_meta),
-           "OUTPUT_DIR": str(output_dir), "EPOCHS": "1", "LR": "2e-3"}
-    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
-               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", "3", *SMALL_RUN]  # fmt: skip
+    command, env = launcher_run(tiny_hf_model_dir, demo_meta, output_dir, epochs=1, save_steps=3)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     check_run(result)
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 3
