@@ -5,7 +5,11 @@ tensor-name conversion on InternVL3-8B's real shapes, the folder as transformers
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +36,9 @@ from internvl.model.hf_layout import (
     original_to_hf_state_dict,
     read_model_config,
 )
+from tests.scripts.test_finetune import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tensor_names(folder):
@@ -198,3 +205,34 @@ def test_hf_configs_this_model_cannot_hold_are_refused(tiny_hf_model_dir, tmp_pa
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=field):
         read_model_config(folder)
+
+
+# Under ZeRO-3 an unquantized model is partitioned while it loads, through transformers' DeepSpeed path, which
+# applies the -hf transforms on its own; a process of its own keeps DeepSpeed's global state out of the others.
+ZERO3_LOAD = """
+import os, sys, torch, deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from internvl.model import load_internvl_model
+deepspeed.init_distributed("gloo")
+ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                               "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1})
+hf, original = (load_internvl_model(p, load_in_4bit=False, torch_dtype=torch.float32) for p in sys.argv[1:3])
+pairs = list(zip(hf.named_parameters(), original.named_parameters(), strict=True))
+assert all(hasattr(p, "ds_id") for (_, p), _ in pairs), "not partitioned"
+for (name, p), (other, q) in pairs:
+    with deepspeed.zero.GatheredParameters([p, q]):
+        assert name == other and torch.equal(p.data, q.data), name
+print(f"{len(pairs)} partitioned parameters equal")
+"""
+
+
+@pytest.mark.e2e
+def test_hf_folder_loads_partitioned_under_zero3(tiny_model_dir, tiny_hf_model_dir):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO3_LOAD, str(tiny_hf_model_dir), str(tiny_model_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "65 partitioned parameters equal" in result.stdout
