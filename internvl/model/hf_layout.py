@@ -393,16 +393,21 @@ def hf_chat_template(conversation: Conversation) -> str:
     )
 
 
+def _conversation(config: InternVLChatConfig) -> Conversation:
+    """The chat template the model is trained with, with the config's system message if it sets one."""
+    conversation = get_conv_template(config.template or HF_DEFAULT_SETTINGS["template"])
+    system_message = getattr(config, "system_message", None)
+    if system_message is not None:
+        conversation.set_system_message(system_message)
+    return conversation
+
+
 def build_hf_processor(config: InternVLChatConfig, tokenizer_dir: str | Path) -> InternVLProcessor:
     """transformers' InternVL processor for the model: the tokenizer in ``tokenizer_dir`` with the named tokens the
     processor reads, tiling and normalisation as ``config`` trains them, and ``hf_chat_template``."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=HF_TOKENIZER_TOKENS)
     size = {"height": config.image_size, "width": config.image_size}
     normalisation = dict(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
-    conversation = get_conv_template(config.template or HF_DEFAULT_SETTINGS["template"])
-    system_message = getattr(config, "system_message", None)
-    if system_message is not None:
-        conversation.set_system_message(system_message)
     return InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(
             size=size,
@@ -414,7 +419,7 @@ def build_hf_processor(config: InternVLChatConfig, tokenizer_dir: str | Path) ->
         video_processor=InternVLVideoProcessor(size=size, **normalisation),
         tokenizer=tokenizer,
         image_seq_length=config.num_image_token,
-        chat_template=hf_chat_template(conversation),
+        chat_template=hf_chat_template(_conversation(config)),
     )
 
 
@@ -426,15 +431,16 @@ def save_in_hf_layout(
     max_shard_size: str = "5GB",
 ) -> None:
     """Write ``model`` (an ``InternVLChatModel`` without LoRA layers) to ``output_dir`` as transformers writes an
-    ``InternVLForConditionalGeneration``, with its tokenizer and processor files.
+    ``InternVLForConditionalGeneration``, with its tokenizer and processor files. ``output_dir`` is a new folder
+    (``merge_lora`` gives it a temporary one, renamed into place when complete).
 
     The weights are handed to transformers' own class (built without memory, sharing the tensors), so the folder
     has exactly the names and sharding transformers writes for it.
     """
     output_dir = Path(output_dir)
     config = model.config
-    # The stop token of the chat template: the official model stops on it; an -hf config must say it.
-    stop_token = get_conv_template(config.template or HF_DEFAULT_SETTINGS["template"]).stop_token
+    # The official model stops on its chat template's stop token; an -hf config must name it.
+    stop_token = _conversation(config).stop_token
     hf_config = hf_config_from_chat(
         config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
