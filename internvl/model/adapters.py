@@ -8,7 +8,7 @@ Three kinds of model folder are understood (``resolve_model_source``):
   by the adapter's ``base_model_name_or_path`` or given explicitly;
 - an **official-style LoRA checkpoint**: full weights with the LoRA layers inside and ``use_llm_lora`` /
   ``use_backbone_lora`` set in ``config.json`` (what the official fine-tune script saves);
-- a **plain model** in the official layout (a base or an already merged model).
+- a **plain model** in the official or the -hf layout (a base or an already merged model).
 
 The adapter file names are the ones ``internvl.train.checkpoint`` writes. Dtype, 4-bit and device are decided by
 ``internvl.model.loading``, as for training.
@@ -26,6 +26,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from safetensors.torch import load_file
 
 from internvl.model.configuration import InternVLChatConfig
+from internvl.model.hf_layout import read_model_config
 from internvl.model.internvl_chat import InternVLChatModel, quiet_peft_wrapping
 from internvl.model.loading import OVERRIDABLE_FIELDS, OVERRIDABLE_VISION_FIELDS, load_internvl_model, load_tokenizer
 
@@ -85,7 +86,7 @@ def resolve_model_source(path: str | Path, base_model: str | Path | None = None)
             )
         if base_model is not None:
             raise ValueError(f"--base-model was given but {path} is a full model, not an adapter training output")
-        config = InternVLChatConfig.from_pretrained(path)
+        config = read_model_config(path)
         return ModelSource(path=path, lora_in_weights=bool(config.use_llm_lora or config.use_backbone_lora))
 
     if base_model is None:

@@ -105,6 +105,17 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def launcher_run(model_dir: Path, meta: Path, output_dir: Path, *, epochs: int, save_steps: int):
+    """``(command, env)`` of the launcher on two processes, one sample each per step (2 videos a step)."""
+    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
+           "BATCH_SIZE": "2", "MODEL_PATH": str(model_dir), "META_PATH": str(meta), "OUTPUT_DIR": str(output_dir),
+           "EPOCHS": str(epochs), "LR": "2e-3"}  # fmt: skip
+    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
+               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", str(save_steps),
+               *SMALL_RUN]  # fmt: skip
+    return command, env
+
+
 def check_run(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-6000:]}"
 
@@ -268,11 +279,7 @@ def test_module_run_without_deepspeed_resumes_with_the_trained_adapter(tiny_mode
 
 def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir, demo_meta, tmp_path):
     output_dir = tmp_path / "run"
-    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
-           "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_model_dir), "META_PATH": str(demo_meta),
-           "OUTPUT_DIR": str(output_dir), "EPOCHS": "2", "LR": "2e-3"}
-    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
-               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", "2", *SMALL_RUN]  # fmt: skip
+    command, env = launcher_run(tiny_model_dir, demo_meta, output_dir, epochs=2, save_steps=2)
 
     # Wait for the first complete checkpoint, then SIGKILL every process of the run at once.
     first_log = tmp_path / "first.log"
@@ -304,3 +311,32 @@ def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir
     assert sorted(train_losses(output_dir)) == list(range(1, planned_steps + 1))
     saved = load_file(output_dir / "adapter_model.safetensors")
     assert all(value.abs().max() > 0 for name, value in saved.items() if ".lora_B." in name)
+
+
+def test_launcher_trains_from_an_hf_checkpoint_whose_adapter_merges_onto_the_original(
+    tiny_hf_model_dir, tiny_model_dir, demo_meta, tmp_path
+):
+    """MODEL_PATH in transformers' -hf layout: the 4-bit ZeRO-3 run trains, and its adapter applies to the official
+    layout as to the -hf base it was trained on."""
+    from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+    from internvl.model import load_internvl_model
+    from internvl.model.adapters import load_model_for_inference
+    from internvl.tools.merge import merge_lora
+
+    output_dir = tmp_path / "run"
+    command, env = launcher_run(tiny_hf_model_dir, demo_meta, output_dir, epochs=1, save_steps=3)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(result)
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 3
+    assert all(math.isfinite(loss) for loss in train_losses(output_dir).values())
+    check_adapter_matches_optimizer_weights(output_dir, output_dir / "checkpoint-3")
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_hf_model_dir)
+
+    merge_lora(output_dir, tmp_path / "merged", base_model=tiny_model_dir, torch_dtype=torch.float32)
+    trained, tokenizer, _ = load_model_for_inference(output_dir, torch_dtype=torch.float32, device="cpu")
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32).eval()
+    text = f"Frame-1: {IMG_START_TOKEN}{IMG_CONTEXT_TOKEN * 256}{IMG_END_TOKEN}\nDescribe the video in detail."
+    inputs = {"input_ids": tokenizer(text, return_tensors="pt")["input_ids"], "pixel_values": torch.randn(1, 3, 448, 448)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, trained.float()(**inputs).logits, rtol=0, atol=1e-5)

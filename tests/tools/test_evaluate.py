@@ -197,3 +197,15 @@ def test_meta_without_val_entry_is_a_clear_error(prepared_data, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(train_only))
     with pytest.raises(ValueError, match="no evaluation entry"):
         load_eval_records(meta_path=tmp_path / "meta.json")
+
+
+def test_an_hf_base_evaluates_as_the_original_one(prepared_data, tiny_lora_output, tiny_hf_model_dir, tmp_path):
+    """The adapter on the -hf base (``--base-model``) predicts what it predicts on the official base, whose tensors
+    the -hf folder holds under other names."""
+    meta = prepared_data / "meta.json"
+    run_evaluation(_config(tiny_lora_output, tmp_path / "original", meta_path=meta))
+    metrics = run_evaluation(_config(tiny_lora_output, tmp_path / "hf", meta_path=meta, base_model=tiny_hf_model_dir))
+    assert metrics["models"]["model"]["base_model"] == str(tiny_hf_model_dir)
+    predictions = _predictions(tmp_path / "hf" / "predictions.jsonl")
+    assert len(predictions) == 3
+    assert predictions == _predictions(tmp_path / "original" / "predictions.jsonl")
