@@ -156,10 +156,16 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     specs = []
     for name, entry in meta.items():
         _check_meta_entry(entry, f"{meta_path}: dataset {name!r}")
+        root = _resolve(meta_path.parent, entry["root"], "root", meta_path)
+        if not root.is_dir():
+            raise ValueError(
+                f"{meta_path}: dataset {name!r}: root {entry['root']!r} is a file, not a folder; root is the folder "
+                "the records' media paths start from"
+            )
         specs.append(
             DatasetSpec(
                 name=name,
-                root=_resolve(meta_path.parent, entry["root"], "root", meta_path),
+                root=root,
                 annotation=_resolve(meta_path.parent, entry["annotation"], "annotation", meta_path),
                 data_augment=bool(entry.get("data_augment", False)),
                 max_dynamic_patch=entry.get("max_dynamic_patch"),
@@ -493,6 +499,19 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
                 f"{type(error).__name__}: {error}. Check the paths and roots in meta.json, or rerun "
                 "scripts/prepare_internvl3_finetuning.py to validate the data"
             ) from error
+
+
+def has_eval_records(meta_path: str | os.PathLike) -> bool:
+    """Whether ``build_datasets`` returns an evaluation set: a ``_val`` entry with at least one record (empty entries
+    are left out). False when meta.json or an evaluation annotation cannot be read: training reports that itself."""
+    try:
+        return any(
+            apply_repeat_time(read_records(spec.annotation), spec.repeat_time)
+            for spec in load_meta(meta_path)
+            if spec.is_eval
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def build_datasets(

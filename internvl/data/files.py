@@ -17,6 +17,12 @@ def _current_umask() -> int:
     return mask
 
 
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give a file the permissions of a normal new file (0666 less the umask), for writers that create theirs
+    private (``tempfile.mkstemp``, safetensors)."""
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
@@ -28,8 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)
-    # mkstemp creates the file private (0600); the result should get the permissions of a normal new file.
-    tmp_path.chmod(0o666 & ~_current_umask())
+    honour_umask(tmp_path)  # mkstemp creates the file private (0600)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

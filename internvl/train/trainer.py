@@ -5,19 +5,30 @@ Changes to the stock trainer:
   to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
+- a checkpoint or final save that fails (a full disk) is one ``CheckpointWriteError`` naming the folder, the last
+  file written and the free space, and the incomplete checkpoint is removed;
 - logged values include tokens/s, samples/s and peak GPU memory.
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.train.callbacks import ThroughputMeter
-from internvl.train.checkpoint import gather_trainable_state_dict, load_trained_weights, save_trained_weights
+from internvl.train.checkpoint import (
+    TRAINER_STATE_NAME,
+    CheckpointWriteError,
+    checkpoint_write_error,
+    gather_trainable_state_dict,
+    load_trained_weights,
+    save_trained_weights,
+)
 
 
 @contextmanager
@@ -67,9 +78,26 @@ class InternVLTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         state = gather_trainable_state_dict(self.model)
         if self.args.should_save:
-            save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            try:
+                save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+            except (OSError, SafetensorError) as error:
+                raise checkpoint_write_error(output_dir, error) from error
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:  # torch's writer on a full disk: "basic_ios::clear: iostream error"
+            failure = error if isinstance(error, CheckpointWriteError) else checkpoint_write_error(folder, error)
+            # Without its trainer state the folder is never resumed from; removing it gives the space back.
+            if self.args.should_save and folder.is_dir() and not (folder / TRAINER_STATE_NAME).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                failure.args = (f"{failure} (the incomplete {folder.name} was removed)",)
+            if failure is error:
+                raise
+            raise failure from error
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Resuming without DeepSpeed: the checkpoint holds the trained weights only (see save_model).

@@ -17,6 +17,18 @@ from tests.scripts.test_finetune import guide_training_args
 REPO = Path(__file__).resolve().parents[2]
 
 
+def write_split_meta(folder: Path, train: int = 2, val: int = 1) -> Path:
+    """``meta.json`` with a training and a ``_val`` dataset of ``train`` / ``val`` text records (an empty ``_val``
+    entry when ``val`` is 0, as older prepare versions wrote for ``--val-ratio 0``)."""
+    record = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    meta = {}
+    for name, count in (("clips_train", train), ("clips_val", val)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(record) + "\n" for _ in range(count)))
+        meta[name] = {"root": ".", "annotation": f"{name}.jsonl", "length": count}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "meta.json"
+
+
 def flag(args: list[str], name: str) -> str:
     """The value of the last occurrence of ``name`` (argparse semantics)."""
     positions = [i for i, arg in enumerate(args) if arg == name]
@@ -121,8 +133,7 @@ def test_no_speed_note_for_other_stages_cpu_runs_or_unreadable_configs(env, extr
 def test_default_launch_means_the_guide_command(tmp_path):
     """Spelled with the new flag names, the launcher's default run is the guide's, except that it resumes instead
     of overwriting the output folder."""
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+    meta = write_split_meta(tmp_path)
     guide = guide_training_args()
     guide[guide.index("--meta_path") + 1] = str(meta)
     plan = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2)
@@ -182,12 +193,14 @@ def test_cpu_fallback_without_gpus():
     assert flag(plan.train_args, "--use_cpu") == "True"
 
 
-def test_evaluation_only_when_meta_has_a_val_split(tmp_path):
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+def test_evaluation_only_when_meta_has_evaluation_records(tmp_path):
+    meta = write_split_meta(tmp_path, val=1)
     with_val = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
     assert flag(with_val, "--do_eval") == "True" and flag(with_val, "--eval_strategy") == "steps"
-    meta.write_text(json.dumps({"clips_train": {}}))
+    # An empty _val entry (--val-ratio 0 with older prepare versions), or none at all: no evaluation.
+    meta = write_split_meta(tmp_path, val=0)
+    assert "--do_eval" not in resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
+    meta.write_text(json.dumps({"clips_train": json.loads(meta.read_text())["clips_train"]}))
     assert "--do_eval" not in resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
 
 
