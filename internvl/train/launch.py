@@ -233,11 +233,10 @@ def choose_master_port(env: Mapping[str, str], nnodes: int, node_rank: int,
 def check_before_launch(plan: LaunchPlan) -> list[str]:
     """Parse the training arguments as training does and run its pre-flight checks; ``ValueError`` / ``OSError``
     with one line for the first problem. Returns the warnings to print."""
-    from internvl.train.arguments import parse_args
     from internvl.train.internvl_chat_finetune import check_arguments
-    from internvl.train.run_guard import preflight, refuse_if_in_use
+    from internvl.train.run_guard import parse_args_for_checks, preflight, refuse_if_in_use
 
-    model_args, data_args, training_args = parse_args(plan.train_args)
+    model_args, data_args, training_args = parse_args_for_checks(plan.train_args)
     check_arguments(model_args, training_args)
     _, warnings = preflight(model_args, data_args, training_args, plan.world_size)
     if training_args.do_train and plan.node_rank == 0:  # the other nodes see node 0's run holding it

@@ -279,6 +279,15 @@ class RunRecordCallback(TrainerCallback):
 # -- all of it, before anything is loaded ------------------------------------------------------------------------
 
 
+def parse_args_for_checks(argv: list[str]):
+    """The training arguments as training parses them (what it refuses raises here), in a process that trains
+    nothing: set up for the CPU, so that parsing touches no GPU (the launcher would otherwise hold a CUDA context on
+    the first GPU for the whole run)."""
+    from internvl.train.arguments import parse_args
+
+    return parse_args([*argv, "--use_cpu", "True"])
+
+
 def resume_checkpoint(training_args) -> Path | None:
     """The checkpoint a run resumes from (``--resume_from_checkpoint``, or the output folder's last complete one
     unless ``--overwrite_output_dir``), refused in one line when it is damaged."""

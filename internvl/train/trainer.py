@@ -5,6 +5,8 @@ Changes to the stock trainer:
   to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
+- an evaluation set of which no sample can be built skips that evaluation with a warning instead of ending the run
+  (``internvl.data.dataset`` skips the samples that fail and counts them);
 - a checkpoint or final save that fails (a full disk) is one ``CheckpointWriteError`` naming the folder, the last
   file written and the free space, and the incomplete checkpoint is removed;
 - logged values include tokens/s, samples/s and peak GPU memory.
@@ -12,6 +14,7 @@ Changes to the stock trainer:
 
 from __future__ import annotations
 
+import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from internvl.data.dataset import NoEvaluationSampleError
 from internvl.train.callbacks import ThroughputMeter
 from internvl.train.checkpoint import (
     TRAINER_STATE_NAME,
@@ -29,6 +33,8 @@ from internvl.train.checkpoint import (
     load_trained_weights,
     save_trained_weights,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -98,6 +104,15 @@ class InternVLTrainer(Trainer):
             if failure is error:
                 raise
             raise failure from error
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        try:
+            return super().evaluate(*args, **kwargs)
+        except NoEvaluationSampleError:
+            logger.warning("evaluation skipped at step %d: none of the %d evaluation samples can be built (each is "
+                           "named in a warning above); training goes on", self.state.global_step,
+                           len(self.eval_dataset))
+            return {}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Resuming without DeepSpeed: the checkpoint holds the trained weights only (see save_model).
