@@ -109,9 +109,8 @@ class InternVLTrainer(Trainer):
         try:
             return super().evaluate(*args, **kwargs)
         except NoEvaluationSampleError:
-            logger.warning("evaluation skipped at step %d: none of the %d evaluation samples can be built (each is "
-                           "named in a warning above); training goes on", self.state.global_step,
-                           len(self.eval_dataset))
+            logger.warning("evaluation skipped at step %d: no evaluation sample can be built (each is named in a "
+                           "warning above); training goes on", self.state.global_step)
             return {}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
