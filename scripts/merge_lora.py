@@ -38,7 +38,7 @@ def main() -> None:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     ranks = ", ".join(f"{part} r={rank}" for part, rank in info["lora_ranks"].items())
     print(f"merged {info['source']} ({ranks}) into {args.output}")

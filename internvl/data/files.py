@@ -55,7 +55,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` (and what was there).
 
     The old folder is renamed away before the new one is renamed in, and deleted only then: ``path`` is never a
-    half-deleted old folder or a half-written new one.
+    half-deleted old folder or a half-written new one. Its files get the permissions of normal new files (safetensors
+    creates its files private).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -65,6 +66,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp_dir.chmod(0o777 & ~_current_umask())
     try:
         yield tmp_dir
+        for file in tmp_dir.rglob("*"):
+            if file.is_file():
+                honour_umask(file)
         if path.exists():
             old_dir = tmp_dir.with_suffix(".old")
             os.replace(path, old_dir)

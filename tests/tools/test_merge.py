@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
 import sys
@@ -166,3 +167,26 @@ def test_remote_code_of_the_base_travels_with_the_merged_model(tiny_lora_output,
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged_config["auto_map"] == config["auto_map"]
     assert (tmp_path / "merged" / "modeling_internvl_chat.py").read_text() == "# the checkpoint's remote code\n"
+
+
+def test_merged_weights_get_the_permissions_of_every_other_file(tiny_lora_output, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        merge_lora(tiny_lora_output, tmp_path / "merged", torch_dtype=torch.float32)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    weights = [name for name in modes if name.endswith(".safetensors")]
+    assert weights and all(modes[name] == modes["config.json"] == 0o644 for name in weights), modes
+
+
+def test_merge_names_a_damaged_adapter(tiny_lora_output, tmp_path, monkeypatch):
+    damaged = tmp_path / "output"
+    shutil.copytree(tiny_lora_output, damaged)
+    adapter = damaged / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", str(damaged), str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith(f"error: {adapter} is damaged")
+    assert not (tmp_path / "merged").exists()
