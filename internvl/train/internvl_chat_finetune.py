@@ -330,6 +330,16 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
 USER_ERRORS = (ValueError, OSError, DatasetHealthError)
 
 
+def one_line(error: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, without the worker's traceback that
+    torch puts in front of it."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "  # the traceback's last line: "package.module.Name: message"
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
+
+
 def run_command_line() -> None:
     """``main()`` as a command: a ``USER_ERRORS`` error is printed as one line and the exit code is 1. Input errors
     are the same on every process and printed by the first; others (a full disk, a broken file) by each process
@@ -339,9 +349,9 @@ def run_command_line() -> None:
     except USER_ERRORS as error:
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         elif not isinstance(error, ValueError):
-            print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
+            print(f"error (rank {rank}): {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

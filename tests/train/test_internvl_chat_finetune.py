@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+from internvl.data.dataset import DatasetHealthError
 from internvl.model.loading import load_internvl_model
 from internvl.train.arguments import parse_args
 from internvl.train.internvl_chat_finetune import (
     check_arguments,
     count_parameters,
+    one_line,
     prepare_output_dir,
     write_loss_curves,
 )
@@ -122,3 +124,20 @@ def test_output_folder_that_is_the_base_model_is_refused_before_loading(tiny_mod
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: --output_dir {tiny_model_dir} is the base model folder")
     assert {path.name: path.read_bytes() for path in tiny_model_dir.iterdir()} == before
+
+
+class _Unbuildable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise DatasetHealthError("10 of the last 10 samples could not be built")
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_message():
+    """torch puts the worker's traceback in front of the message of an error raised in a DataLoader worker."""
+    with pytest.raises(DatasetHealthError) as raised:
+        next(iter(torch.utils.data.DataLoader(_Unbuildable(), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert one_line(raised.value) == "10 of the last 10 samples could not be built"
+    assert one_line(ValueError("a plain one")) == "a plain one"
