@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +86,16 @@ _LOCKING_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINV
 
 
 class LockHeldError(RuntimeError):
-    """Another process holds the lock."""
+    """Another process holds the lock; ``holder`` is what it wrote there (``pid N on HOST``)."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
+
+
+def _read_holder(lock_file) -> str:
+    lock_file.seek(0)
+    return lock_file.read().strip() or "another process"
 
 
 @contextmanager
@@ -93,6 +103,7 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an advisory lock on the file ``path`` (created, with its folder, if missing); ``LockHeldError`` if
     another process holds it. The system drops the lock when its holder dies, so a killed run never leaves a stale
     one. The lock file stays: deleting it would let a third process lock a new file while the second holds the old.
+    While held, it names its holder (``pid N on HOST``) for the message the next process gets.
     """
     try:
         import fcntl
@@ -101,17 +112,41 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock_file:
+    with open(path, "a+", encoding="utf-8") as lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeldError(f"{path} is locked by another process") from None
+            holder = _read_holder(lock_file)
+            raise LockHeldError(f"{path} is locked by {holder}", holder) from None
         except OSError as error:
             if error.errno not in _LOCKING_UNSUPPORTED:
                 raise
             yield  # a file system without locks (some network mounts): the caller runs unlocked
             return
+        lock_file.truncate(0)
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
         try:
             yield
         finally:
+            lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the ``exclusive_lock`` on ``path`` (``pid N on HOST``), or None when nobody does. Takes nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if not Path(path).is_file():
+        return None
+    with open(path, "a+", encoding="utf-8") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(lock_file)
+        except OSError:
+            return None
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return None

@@ -15,21 +15,18 @@ printed once, before minutes of model loading.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-import socket
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from internvl.data.files import atomic_write_text
+from internvl.data.files import LockHeldError, atomic_write_text, exclusive_lock, lock_holder
 from internvl.train.checkpoint import damaged_checkpoint_message, last_complete_checkpoint, list_checkpoints
 
 RUN_ARGS_NAME = "run_args.json"
@@ -109,24 +106,9 @@ def check_output_dir(output_dir: str | os.PathLike, model_path: str | os.PathLik
                          "on a writable disk") from None
 
 
-def lock_holder(output_dir: str | os.PathLike) -> str | None:
-    """Who holds the output folder's lock (``pid N on HOST since ...``), or None when no run holds it."""
-    lock_path = Path(output_dir) / LOCK_NAME
-    if not lock_path.is_file():
-        return None
-    with open(lock_path, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
 def refuse_if_in_use(output_dir: str | os.PathLike) -> None:
     """``RunRefused`` when a run holds ``output_dir`` (for a check before the run, which takes the lock itself)."""
-    holder = lock_holder(output_dir)
+    holder = lock_holder(Path(output_dir) / LOCK_NAME)
     if holder:
         raise _in_use(Path(output_dir), holder)
 
@@ -139,23 +121,11 @@ def _in_use(output_dir: Path, holder: str) -> RunRefused:
 @contextmanager
 def output_dir_lock(output_dir: str | os.PathLike):
     """Hold the output folder for the duration of the block; ``RunRefused`` when another run holds it."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK_NAME, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise _in_use(output_dir, f.read().strip() or "another process") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        try:
+    try:
+        with exclusive_lock(Path(output_dir) / LOCK_NAME):
             yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except LockHeldError as held:
+        raise _in_use(Path(output_dir), held.holder) from None
 
 
 # -- the run record and resuming ---------------------------------------------------------------------------------

@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from internvl.data.files import lock_holder
 from internvl.train.arguments import parse_args
 from internvl.train.run_guard import (
+    LOCK_NAME,
     RunRefused,
     build_run_record,
     check_output_dir,
     check_resume,
-    lock_holder,
     output_dir_lock,
     preflight,
     resume_checkpoint,
@@ -74,13 +75,13 @@ def test_output_folder_that_cannot_be_written_is_refused(tmp_path, base_model):
 
 def test_one_run_per_output_folder(tmp_path):
     output_dir = tmp_path / "run"
-    assert lock_holder(output_dir) is None
+    assert lock_holder(output_dir / LOCK_NAME) is None
     with output_dir_lock(output_dir):
-        assert lock_holder(output_dir).startswith(f"pid {os.getpid()} on ")
+        assert lock_holder(output_dir / LOCK_NAME).startswith(f"pid {os.getpid()} on ")
         with pytest.raises(RunRefused, match=f"in use by another training run \\(pid {os.getpid()} "):
             with output_dir_lock(output_dir):
                 pass
-    assert lock_holder(output_dir) is None
+    assert lock_holder(output_dir / LOCK_NAME) is None
     with output_dir_lock(output_dir):  # free again
         pass
 
@@ -92,11 +93,11 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert lock_holder(output_dir).startswith(f"pid {holder.pid} ")
+        assert lock_holder(output_dir / LOCK_NAME).startswith(f"pid {holder.pid} ")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
-    assert lock_holder(output_dir) is None
+    assert lock_holder(output_dir / LOCK_NAME) is None
 
 
 def trained_checkpoint(output_dir: Path, step: int, record: dict) -> Path:
