@@ -24,6 +24,22 @@ def honour_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_current_umask())
 
 
+def unwritable_folder_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder`` (created first if missing): ``"is a file"``, ``"cannot be
+    created: X is a file"`` or ``"cannot be written (X: <OS reason>)"``; None when they can. Writing is tried, so a
+    read-only file system is found even by root."""
+    folder = Path(folder)
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        return "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot be written ({existing}: {error.strerror})"
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from internvl.data.dataset import EVAL_SUFFIX, load_meta
-from internvl.data.files import atomic_write_text
+from internvl.data.files import atomic_write_text, unwritable_folder_reason
 from internvl.data.records import Record, RecordError, Role, read_records
 from internvl.data.video import VideoDecodeError
 from internvl.model.adapters import ModelSource, load_model_for_inference, resolve_model_source
@@ -483,9 +483,9 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     """Evaluate ``config.model`` (and ``config.compare``) and write the output folder; returns ``metrics.json``."""
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
-    existing = next(folder for folder in (config.output_dir, *config.output_dir.parents) if folder.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--output-dir {config.output_dir}: {existing} is a file; give a folder")
+    unwritable = unwritable_folder_reason(config.output_dir)
+    if unwritable:
+        raise ValueError(f"--output-dir {config.output_dir} {unwritable}; give a writable folder")
     records, data_description = load_eval_records(meta_path=config.meta_path, jsonl=config.jsonl, root=config.root)
     settings = config.run_settings()
     config.output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,19 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from internvl.data.files import LockHeldError, atomic_write_text, exclusive_lock, lock_holder
+from internvl.data.files import (
+    LockHeldError,
+    atomic_write_text,
+    exclusive_lock,
+    lock_holder,
+    unwritable_folder_reason,
+)
 from internvl.train.checkpoint import damaged_checkpoint_message, last_complete_checkpoint, list_checkpoints
 
 RUN_ARGS_NAME = "run_args.json"
@@ -93,17 +98,9 @@ def check_output_dir(output_dir: str | os.PathLike, model_path: str | os.PathLik
         if _CHECKPOINT_NAME.match(first):
             raise RunRefused(f"the base model {model_path} is inside {first} of --output_dir {output_dir}, which "
                              f"checkpoint rotation and --overwrite_output_dir delete; copy the model elsewhere or {fix}")
-    if output.exists() and not output.is_dir():
-        raise RunRefused(f"--output_dir {output_dir} is a file, not a folder; {fix}")
-    existing = next(parent for parent in (output, *output.parents) if parent.exists())
-    if not existing.is_dir():
-        raise RunRefused(f"--output_dir {output_dir} cannot be created: {existing} is a file; {fix}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise RunRefused(f"--output_dir {output_dir} cannot be written ({existing}: {error.strerror}); {fix} "
-                         "on a writable disk") from None
+    reason = unwritable_folder_reason(output)
+    if reason:
+        raise RunRefused(f"--output_dir {output_dir} {reason}; {fix}")
 
 
 def refuse_if_in_use(output_dir: str | os.PathLike) -> None:

@@ -30,6 +30,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.prepared import VAL, annotation_path
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Real multi-process runs through the scripts: minutes each (`pytest -m "not e2e"` leaves them out).
@@ -303,7 +305,7 @@ def test_a_run_that_fails_in_training_ends_in_one_line_per_process(tiny_model_di
     stopped; no traceback of the processes or of torchrun. MASTER_PORT is left unset: the launcher picks a free
     port when the default one is taken."""
     meta = copy_demo_data(demo_videos_dir, tmp_path)
-    for record in (tmp_path / "data" / "video_summary_dataset_train.jsonl").read_text().splitlines():
+    for record in annotation_path(tmp_path / "data").read_text().splitlines():
         (tmp_path / "raw" / json.loads(record)["video"]).write_bytes(bytes(5000))
     env = {**run_env(), "GPUS": "2", "PER_DEVICE_BATCH_SIZE": "1", "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_model_dir),
            "META_PATH": str(meta), "OUTPUT_DIR": str(tmp_path / "run"), "EPOCHS": "1"}  # fmt: skip
@@ -325,7 +327,7 @@ def test_resume_refusals_and_a_val_set_that_cannot_be_built(tiny_model_dir, demo
     normally. Resuming it with another LoRA rank is refused by the launcher before torchrun starts; a damaged
     checkpoint is named with what to do. Each refusal is one line."""
     meta = copy_demo_data(demo_videos_dir, tmp_path)
-    [val_record] = (tmp_path / "data" / "video_summary_dataset_val.jsonl").read_text().splitlines()
+    [val_record] = annotation_path(tmp_path / "data", VAL).read_text().splitlines()
     (tmp_path / "raw" / json.loads(val_record)["video"]).unlink()
     output_dir = tmp_path / "run"
     command = [sys.executable, "-m", "internvl.train.internvl_chat_finetune", "--model_name_or_path",

@@ -209,12 +209,12 @@ def test_evaluate_script_exits_non_zero_when_records_failed(prepared_data, tiny_
 def test_output_dir_that_is_a_file_is_one_line(tiny_lora_output, prepared_data, tmp_path, monkeypatch):
     a_file = tmp_path / "eval.txt"
     a_file.write_text("")
-    for output_dir in (a_file, a_file / "eval"):
+    for output_dir, reason in ((a_file, "is a file"), (a_file / "eval", f"cannot be created: {a_file} is a file")):
         monkeypatch.setattr(sys, "argv", ["evaluate_internvl3.py", "--model", str(tiny_lora_output), "--meta-path",
                                           str(prepared_data / "meta.json"), "--output-dir", str(output_dir)])  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate_internvl3.py"), run_name="__main__")
-        assert exit_info.value.code == f"error: --output-dir {output_dir}: {a_file} is a file; give a folder"
+        assert exit_info.value.code == f"error: --output-dir {output_dir} {reason}; give a writable folder"
 
 
 def test_predictions_of_another_set_are_refused(prepared_data, tiny_lora_output, tmp_path):

@@ -65,7 +65,7 @@ def test_output_folder_that_would_overwrite_or_delete_the_base_model_is_refused(
 def test_output_folder_that_cannot_be_written_is_refused(tmp_path, base_model):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("")
-    with pytest.raises(RunRefused, match="is a file, not a folder"):
+    with pytest.raises(RunRefused, match="notes.txt is a file; set OUTPUT_DIR"):
         check_output_dir(a_file, base_model)
     with pytest.raises(RunRefused, match="cannot be created: .*notes.txt is a file"):
         check_output_dir(a_file / "run", base_model)
