@@ -216,8 +216,9 @@ def check_resume(checkpoint: str | os.PathLike, record: dict) -> list[str]:
     if old is None:
         return [f"{source} is missing: the resumed run's settings are not compared with the checkpoint's"]
     refused = _changes(old, record, REFUSED_CHANGES)
-    uses_deepspeed = _value(old, "training_args", "deepspeed") and _value(record, "training_args", "deepspeed")
-    if uses_deepspeed and "world_size" in old and old["world_size"] != record["world_size"]:
+    # A DeepSpeed checkpoint holds one optimizer-state partition per process, which DeepSpeed cannot re-partition.
+    written_by_deepspeed = bool(_value(old, "training_args", "deepspeed"))
+    if written_by_deepspeed and old.get("world_size", record["world_size"]) != record["world_size"]:
         refused.append(f"process count (GPUS x NNODES) {old['world_size']} -> {record['world_size']}: DeepSpeed "
                        "partitions the optimizer state per process")
     if refused:
