@@ -44,7 +44,7 @@ def main() -> None:
             overwrite=args.overwrite,
             layout=args.format,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     ranks = ", ".join(f"{part} r={rank}" for part, rank in info["lora_ranks"].items())
     print(f"merged {info['source']} ({ranks}) into {args.output}")

@@ -10,8 +10,8 @@ a GIF or a folder of frames). Each sample is (see docs/ARCHITECTURE.md):
 Video samples draw T frames in ``[min_num_frame, max_num_frame]`` (never more than the video holds), one tile per
 frame, each announced by a ``Frame-N: <image>`` line, and then drop frames until the sample fits
 ``max_seq_length``: an image span is never cut. Records come from ``internvl.data.records``; samples that cannot be
-built (a record it refuses, a corrupt file, too long) are replaced by others and counted (``bad_samples``); a dataset
-that is mostly unreadable stops with an error.
+built (a record it refuses, a corrupt file, too long) are replaced by others and counted (``bad_samples``); a training
+set that is mostly unreadable stops with an error, an evaluation set never stops the run (see ``SupervisedDataset``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def video_frame_token_estimate(num_image_token: int) -> int:
 
 class DatasetHealthError(RuntimeError):
     """Too many samples in a row (or in a recent window) could not be built."""
+
+
+class NoEvaluationSampleError(RuntimeError):
+    """Not one sample of the evaluation set can be built: the evaluation is skipped, the training goes on."""
 
 
 @dataclass(frozen=True)
@@ -186,10 +190,16 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     for name, entry in meta.items():
         where = f"{meta_path}: dataset {name!r}"
         _check_meta_entry(entry, where)
+        root = _resolve(meta_path, entry, "root", where)
+        if not root.is_dir():
+            raise ValueError(
+                f"{where}: root {entry['root']!r} is a file, not a folder; root is the folder the records' media "
+                "paths start from"
+            )
         specs.append(
             DatasetSpec(
                 name=name,
-                root=_resolve(meta_path, entry, "root", where),
+                root=root,
                 annotation=_resolve(meta_path, entry, "annotation", where),
                 data_augment=bool(entry.get("data_augment", False)),
                 max_dynamic_patch=entry.get("max_dynamic_patch"),
@@ -452,8 +462,11 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
 
     A sample that cannot be built is logged with its source, counted in ``bad_samples`` and replaced by another
     one (random for training, the next ones in order for evaluation, so evaluation stays deterministic).
-    ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or more than ``MAX_FAILURE_RATE`` of the last
-    ``FAILURE_WINDOW`` attempts, raise ``DatasetHealthError``.
+    In training, ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or more than ``MAX_FAILURE_RATE`` of the last
+    ``FAILURE_WINDOW`` attempts, raise ``DatasetHealthError``. In evaluation a sample that failed is remembered
+    (per process) and not built again, and only a set of which no sample builds raises, with
+    ``NoEvaluationSampleError``, which the trainer turns into a skipped evaluation: an evaluation set never ends a
+    training run, and its failures repeat identically at every evaluation.
     """
 
     def __init__(self, datasets: list[LazySupervisedDataset], *, is_eval: bool, seed: int = 0):
@@ -465,6 +478,7 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
         self._consecutive_failures = 0
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple | None = None
+        self._unbuildable: set[int] = set()  # evaluation samples known to fail, in this process
 
     @property
     def lengths(self) -> list[int]:
@@ -495,6 +509,8 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             index += len(self)
+        if self.is_eval:
+            return self._evaluation_sample(index)
         attempt = index
         while True:
             dataset, local_index = self._locate(attempt)
@@ -502,11 +518,31 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
                 sample = dataset.get_sample(local_index, self._sample_rng(attempt))
             except Exception as error:
                 self._record_failure(dataset.describe(local_index), error)
-                attempt = (attempt + 1) % len(self) if self.is_eval else int(self._training_rng().integers(len(self)))
+                attempt = int(self._training_rng().integers(len(self)))
                 continue
             self._recent.append(False)
             self._consecutive_failures = 0
             return sample
+
+    def _evaluation_sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index``, or the next one in order that builds."""
+        for offset in range(len(self)):
+            attempt = (index + offset) % len(self)
+            if attempt in self._unbuildable:
+                self._bad_samples.increment()
+                continue
+            dataset, local_index = self._locate(attempt)
+            try:
+                return dataset.get_sample(local_index, self._sample_rng(attempt))
+            except Exception as error:
+                self._unbuildable.add(attempt)
+                self._bad_samples.increment()
+                logger.warning("skipping bad evaluation sample %s: %s: %s", dataset.describe(local_index),
+                               type(error).__name__, error)
+        raise NoEvaluationSampleError(
+            f"none of the {len(self)} evaluation samples can be built (each is named in a warning above); fix or "
+            "remove those records of the '_val' dataset"
+        )
 
     def _record_failure(self, source: str, error: Exception) -> None:
         self._bad_samples.increment()
@@ -523,6 +559,19 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
                 f"{type(error).__name__}: {error}. Check the paths and roots in meta.json, or rerun "
                 "scripts/prepare_internvl3_finetuning.py to validate the data"
             ) from error
+
+
+def has_eval_records(meta_path: str | os.PathLike) -> bool:
+    """Whether ``build_datasets`` returns an evaluation set: a ``_val`` entry with at least one record (empty entries
+    are left out). False when meta.json or an evaluation annotation cannot be read: training reports that itself."""
+    try:
+        return any(
+            apply_repeat_time(read_records(spec.annotation), spec.repeat_time)
+            for spec in load_meta(meta_path)
+            if spec.is_eval
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def build_datasets(

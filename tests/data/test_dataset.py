@@ -15,7 +15,15 @@ from PIL import Image
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
 from internvl.data import InternVLDataCollator, build_datasets
-from internvl.data.dataset import META_FOLDER, DatasetHealthError, MetaEntry, load_meta, write_meta
+from internvl.data.dataset import (
+    META_FOLDER,
+    DatasetHealthError,
+    MetaEntry,
+    NoEvaluationSampleError,
+    has_eval_records,
+    load_meta,
+    write_meta,
+)
 from internvl.data.prepare import prepare_dataset
 from internvl.data.video import VideoDecodeError
 from tests.prepared import annotation_path
@@ -220,6 +228,46 @@ def test_mostly_bad_dataset_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
     train, _ = build_datasets(_write_meta(tmp_path, {"clips": records}), tiny_tokenizer, **SMALL_VIDEO)
     with pytest.raises(DatasetHealthError, match="10 in a row"):
         train[0]
+
+
+def test_evaluation_skips_what_cannot_be_built_and_never_stops_with_a_health_error(tmp_path, tiny_tokenizer, caplog):
+    """A val set mostly or wholly unbuildable (here: records with a late system turn) must not end a training run
+    at its first evaluation: failing samples are skipped, remembered and counted; a set of which nothing builds
+    says so with its own error, which the trainer turns into a skipped evaluation."""
+    late_system = [*_turns("Hi?", "Hi."), {"from": "system", "value": "Be brief."}]
+    records = [{"conversations": late_system} for _ in range(11)]
+    records.append({"conversations": _turns("Yes?", "Yes.")})
+    meta = _write_meta(tmp_path, {"chat": records[-1:], "chat_val": records})
+    _, evaluation = build_datasets(meta, tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        samples = [evaluation[i] for i in range(len(evaluation))]  # 11 bad in a row: a training set would stop
+    assert all(tiny_tokenizer.decode(s["input_ids"]).endswith("Yes.<|im_end|>\n") for s in samples)
+    assert caplog.text.count("skipping bad evaluation sample") == 11  # each reported once, then remembered
+    assert evaluation.bad_samples == sum(range(1, 12))  # every skip counted: sample i skips the 11 - i bad after it
+
+    meta = _write_meta(tmp_path, {"chat": records[-1:], "chat_val": records[:1]})
+    _, evaluation = build_datasets(meta, tiny_tokenizer)
+    with pytest.raises(NoEvaluationSampleError, match="none of the 1 evaluation samples can be built"):
+        evaluation[0]
+
+
+def test_only_a_val_entry_with_records_means_evaluation(tmp_path):
+    assert has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}],
+                                                   "a_val": [{"conversations": _turns("Hi?")}]}))  # fmt: skip
+    # The empty entry older prepare versions wrote for --val-ratio 0, and one emptied by repeat_time.
+    assert not has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}], "a_val": []}))
+    assert not has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}],
+                                                       "a_val": [{"conversations": _turns("Hi?")}]},
+                                            a_val={"repeat_time": 0.5}))  # fmt: skip
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "a.jsonl").write_text("")
+    entry = {"root": "clip.mp4", "annotation": "a.jsonl", "paths_relative_to": META_FOLDER}
+    (tmp_path / "meta.json").write_text(json.dumps({"a": entry}))
+    with pytest.raises(ValueError, match="dataset 'a': root 'clip.mp4' is a file, not a folder"):
+        load_meta(tmp_path / "meta.json")
 
 
 def test_text_image_and_multi_image_records(tmp_path, tiny_tokenizer):

@@ -537,7 +537,7 @@ def test_an_unwritable_output_folder_is_refused_before_decoding(demo_videos_dir,
 
 def test_an_empty_split_gets_no_meta_entry(demo_videos_dir, tmp_path, capsys):
     from internvl.data import build_datasets
-    from internvl.train.launch import meta_has_val_split
+    from internvl.data.dataset import has_eval_records
 
     argv = ["--input", str(demo_videos_dir / "annotations.csv"), "--no-progress", "--val-ratio", "0"]
     assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "no_val")]) == 0
@@ -547,7 +547,7 @@ def test_an_empty_split_gets_no_meta_entry(demo_videos_dir, tmp_path, capsys):
     assert list(meta) == ["video_summary_dataset_train"] and meta["video_summary_dataset_train"]["length"] == 6
     assert not (_version_dir(tmp_path / "no_val") / "video_summary_dataset_val.jsonl").exists()
     # So the launcher does not switch evaluation on, and training builds no evaluation set.
-    assert not meta_has_val_split(tmp_path / "no_val" / "meta.json")
+    assert not has_eval_records(tmp_path / "no_val" / "meta.json")
 
     one_video = _write_csv(tmp_path / "one.csv", [("demo_000.mp4", "A shape moves."), ("demo_000.mp4", "It moves.")])
     report = prepare_dataset(one_video, tmp_path / "one", video_root=demo_videos_dir, val_ratio=0.5, progress=False)

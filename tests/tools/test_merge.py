@@ -4,6 +4,7 @@ base + adapter, from a base in either layout."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
 import sys
@@ -230,3 +231,26 @@ def test_merge_script_writes_the_hf_layout_with_format_hf(tiny_lora_output, tmp_
     runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
     assert "the result is in transformers' -hf layout" in capsys.readouterr().out
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "internvl"
+
+
+def test_merged_weights_get_the_permissions_of_every_other_file(tiny_lora_output, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        merge_lora(tiny_lora_output, tmp_path / "merged", torch_dtype=torch.float32)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    weights = [name for name in modes if name.endswith(".safetensors")]
+    assert weights and all(modes[name] == modes["config.json"] == 0o644 for name in weights), modes
+
+
+def test_merge_names_a_damaged_adapter(tiny_lora_output, tmp_path, monkeypatch):
+    damaged = tmp_path / "output"
+    shutil.copytree(tiny_lora_output, damaged)
+    adapter = damaged / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", str(damaged), str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith(f"error: {adapter} is damaged")
+    assert not (tmp_path / "merged").exists()
