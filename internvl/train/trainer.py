@@ -1,8 +1,8 @@
 """The HF ``Trainer`` specialised for InternVL LoRA fine-tuning.
 
 Changes to the stock trainer:
-- length-grouped batches use the dataset's precomputed ``lengths`` (the stock sampler would decode every sample
-  to measure it);
+- length-grouped batches, in training and evaluation, use the dataset's precomputed ``lengths`` (the stock sampler
+  would decode every sample to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
 - the loss of a batch is divided by the summed loss weights of the whole optimizer step (all accumulation steps
@@ -96,6 +96,15 @@ def check_zero3_leaf_modules(model) -> None:
         )
 
 
+def _precomputed_lengths(dataset, which: str) -> list[int]:
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None or len(lengths) != len(dataset):
+        raise ValueError(
+            f"--group_by_length needs a {which} dataset with one precomputed length per sample (`lengths`)."
+        )
+    return [int(n) for n in lengths]
+
+
 class _Zero3LeafCheck(TrainerCallback):
     # At train begin DeepSpeed has set its leaf modules and no step has run.
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -120,13 +129,17 @@ class InternVLTrainer(Trainer):
         train_dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        lengths = getattr(train_dataset, "lengths", None)
-        if lengths is None or len(lengths) != len(train_dataset):
-            raise ValueError(
-                "--group_by_length needs a training dataset with one precomputed length per sample (`lengths`)."
-            )
         # One group is one optimizer step over all ranks, as in the official recipe.
-        return LengthGroupedSampler(self.effective_batch_size, lengths=[int(n) for n in lengths])
+        return LengthGroupedSampler(self.effective_batch_size, lengths=_precomputed_lengths(train_dataset, "training"))
+
+    def _get_eval_sampler(self, eval_dataset):
+        # The stock sampler would build every evaluation sample in the main process to measure it, at each
+        # evaluation (decoding video there, beside the loader workers, can also hang in FFmpeg's threads).
+        if eval_dataset is None or self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=_precomputed_lengths(eval_dataset, "evaluation"),
+                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The loss normalizer of one optimizer step: the summed weights of its targets (the trained next tokens),

@@ -72,6 +72,10 @@ def test_group_by_length_uses_precomputed_lengths(lora_model, tmp_path):
     assert sampler.lengths == lengths
     assert sampler.batch_size == trainer.effective_batch_size == 2 * 3 * trainer.args.world_size
     assert sorted(sampler) == list(range(60))
+    # Evaluation batches are grouped from the same lengths: no sample is built in the main process to measure it.
+    eval_sampler = trainer._get_eval_sampler(LengthsOnlyDataset(lengths[:10]))
+    assert isinstance(eval_sampler, LengthGroupedSampler) and eval_sampler.lengths == lengths[:10]
+    assert sorted(eval_sampler) == list(range(10))
 
 
 def test_group_by_length_without_lengths_is_an_error(lora_model, tmp_path):
@@ -80,8 +84,10 @@ def test_group_by_length_without_lengths_is_an_error(lora_model, tmp_path):
             return 3
 
     trainer = make_trainer(lora_model, NoLengths(), tmp_path, "--group_by_length", "True")
-    with pytest.raises(ValueError, match="precomputed length"):
+    with pytest.raises(ValueError, match="training dataset with one precomputed length"):
         trainer._get_train_sampler()
+    with pytest.raises(ValueError, match="evaluation dataset with one precomputed length"):
+        trainer._get_eval_sampler(NoLengths())
 
 
 def test_random_sampling_by_default(lora_model, tmp_path):
