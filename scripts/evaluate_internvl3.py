@@ -4,7 +4,8 @@
         --output-dir work_dirs/internvl3_8b_lora/eval --load-in-4bit [--compare models/InternVL3-8B]
 
 --model is a model folder (base or merged) or a training output with a LoRA adapter. The evaluation set is the
-_val entry of --meta-path, or --jsonl with --root. Rerunning with the same --output-dir resumes.
+_val entry of --meta-path, or --jsonl with --root. Rerunning with the same --output-dir resumes, as long as the
+weights and generation settings are the same (else it starts over). Exit code 1 when records failed.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
     config = parse_args()
     try:
         metrics = run_evaluation(config)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     for label, summary in metrics["models"].items():
         scores = ", ".join(f"{METRIC_TITLES[k]} {v:.2f}" for k, v in summary["scores"].items())
@@ -53,6 +54,8 @@ def main() -> None:
         if summary["num_failed"]:
             print(f"  {summary['num_failed']} records failed (listed in {REPORT_NAME}); rerun to retry them")
     print(f"report: {config.output_dir / REPORT_NAME}, metrics: {config.output_dir / METRICS_NAME}")
+    if any(summary["num_failed"] for summary in metrics["models"].values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from internvl.data.video import VideoDecodeError  # noqa: E402
 from internvl.model.adapters import load_model_for_inference  # noqa: E402
-from internvl.tools.infer import DTYPES, add_model_arguments, generation_config, summarize  # noqa: E402
+from internvl.tools.infer import (  # noqa: E402
+    DTYPES,
+    add_model_arguments,
+    check_media_kind,
+    generation_config,
+    summarize,
+)
 
 
 def main() -> None:
@@ -31,6 +37,10 @@ def main() -> None:
     media_path = args.video or args.image
     if not media_path.exists():  # checked before minutes of model loading
         sys.exit(f"error: {media_path}: no such file or folder")
+    try:
+        check_media_kind(media_path, video=args.video is not None)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
     try:
         model, tokenizer, source = load_model_for_inference(
@@ -49,7 +59,7 @@ def main() -> None:
             num_frames=args.num_frames,
             generation_kwargs=generation_config(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
         )
-    except (FileNotFoundError, ValueError, VideoDecodeError) as error:
+    except (OSError, ValueError, VideoDecodeError) as error:
         sys.exit(f"error: {error}")
     print(answer)
 

@@ -77,8 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--absolute-root",
         action="store_true",
-        help="write absolute paths in meta.json (for trainers that resolve them from their own "
-        "working directory) instead of paths relative to the output folder",
+        help="write absolute paths in meta.json (default: paths as given, relative to the working directory unless "
+        "absolute, as the official trainer reads them)",
+    )
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="write paths in meta.json relative to the output folder, marked so, for a data folder that can move "
+        "(the official trainer must then be started in that folder)",
     )
     parser.add_argument(
         "--video-backend", choices=VIDEO_BACKENDS, default="pyav", help="decoder (default: %(default)s)"
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             extract=args.extract_frames,
             num_frames=args.num_frames,
             absolute_root=args.absolute_root,
+            portable=args.portable,
             video_backend=args.video_backend,
             max_seq_length=args.max_seq_length,
             min_num_frame=args.min_num_frame,

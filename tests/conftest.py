@@ -20,6 +20,21 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model converted to transformers' -hf layout (``InternVLForConditionalGeneration``), as
+    ``merge_lora.py --format hf`` writes it: the same weights under transformers' names, its tokenizer and processor."""
+    import torch
+
+    from internvl.model.hf_layout import save_in_hf_layout
+    from internvl.model.loading import load_internvl_model, load_tokenizer
+
+    model = load_internvl_model(tiny_model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    output_dir = tmp_path_factory.mktemp("tiny-internvl3-hf")
+    save_in_hf_layout(model, load_tokenizer(tiny_model_dir), output_dir)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from internvl.model.loading import load_tokenizer
 
@@ -37,7 +52,8 @@ def demo_videos_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def good_setup(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     """What the setup check passes: the tiny model in the official sharded layout (``model/``), demo videos
-    (``raw/``) and data prepared from them (``data/``), side by side in one folder."""
+    (``raw/``) and data prepared from them (``data/``, portable: its paths start from its folder), side by side in
+    one folder."""
     import shutil
     from pathlib import Path
 
@@ -47,7 +63,7 @@ def good_setup(tmp_path_factory, tiny_model_dir, demo_videos_dir):
     base = tmp_path_factory.mktemp("setup")
     write_sharded_checkpoint(Path(tiny_model_dir), base / "model")
     shutil.copytree(demo_videos_dir, base / "raw")
-    prepare_dataset(base / "raw", base / "data", progress=False)
+    prepare_dataset(base / "raw", base / "data", portable=True, progress=False)
     return base
 
 
@@ -136,15 +152,25 @@ def tiny_lora_model(tiny_model_dir):
     return _tiny_lora_model(tiny_model_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_lora_output(tiny_model_dir, tmp_path_factory):
-    """A training output folder of the tiny model, written by the trainer's own saving code: the LLM LoRA adapter
-    (peft format, naming the tiny model as its base), config.json and the tokenizer."""
+def _tiny_lora_output(model_dir, output_dir):
+    """A training output folder written by the trainer's own saving code: the LLM LoRA adapter (peft format,
+    naming ``model_dir`` as its base), config.json and the tokenizer."""
     from internvl.model.loading import load_tokenizer
     from internvl.train.checkpoint import gather_trainable_state_dict, save_trained_weights
 
-    output_dir = tmp_path_factory.mktemp("tiny-lora-output")
-    model = _tiny_lora_model(tiny_model_dir)
-    save_trained_weights(model, gather_trainable_state_dict(model), output_dir, base_model_path=str(tiny_model_dir))
-    load_tokenizer(tiny_model_dir).save_pretrained(output_dir)
+    model = _tiny_lora_model(model_dir)
+    save_trained_weights(model, gather_trainable_state_dict(model), output_dir, base_model_path=str(model_dir))
+    load_tokenizer(model_dir).save_pretrained(output_dir)
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_output(tiny_model_dir, tmp_path_factory):
+    """A training output of the tiny model (see ``_tiny_lora_output``)."""
+    return _tiny_lora_output(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora-output"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_lora_output(tiny_hf_model_dir, tmp_path_factory):
+    """A training output of the tiny model in the -hf layout: its adapter names the -hf folder as its base."""
+    return _tiny_lora_output(tiny_hf_model_dir, tmp_path_factory.mktemp("tiny-hf-lora-output"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 TRAIN = "video_summary_dataset_train"
@@ -11,5 +10,7 @@ VAL = "video_summary_dataset_val"
 
 def annotation_path(data_dir: Path, dataset: str = TRAIN) -> Path:
     """The JSONL file ``data_dir/meta.json`` names for ``dataset`` (prepare writes it inside a version folder)."""
-    entry = json.loads((Path(data_dir) / "meta.json").read_text())[dataset]
-    return Path(data_dir) / entry["annotation"]
+    from internvl.data.dataset import load_meta
+
+    (spec,) = (spec for spec in load_meta(Path(data_dir) / "meta.json") if spec.name == dataset)
+    return spec.annotation

@@ -103,8 +103,11 @@ def run_data_benchmark(
                 {"from": "gpt", "value": "A red circle moves from left to right."},
             ],
         }
-        (tmp / "bench.jsonl").write_text(json.dumps(record) + "\n")
-        entry = MetaEntry(root="/", annotation="bench.jsonl", length=samples, max_dynamic_patch=1, repeat_time=samples)
+        annotation = tmp / "bench.jsonl"
+        annotation.write_text(json.dumps(record) + "\n")
+        entry = MetaEntry(
+            root="/", annotation=str(annotation), length=samples, max_dynamic_patch=1, repeat_time=samples
+        )
         write_meta(tmp / "meta.json", {"bench": entry})
         tokenizer = build_tiny_tokenizer()
         dataset, _ = build_datasets(tmp / "meta.json", tokenizer, min_num_frame=frames, max_num_frame=frames)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from internvl.data.dataset import MetaEntry, write_meta
+from internvl.data.dataset import META_FOLDER, MetaEntry, write_meta
 from internvl.data.files import atomic_directory
 
 TINY_MODEL = "tiny"
@@ -130,6 +130,6 @@ def prepare_videos(
             for i in range(num_samples)
         ]
         (staging / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        entry = MetaEntry(root=".", annotation="train.jsonl", length=num_samples)
+        entry = MetaEntry(root=".", annotation="train.jsonl", length=num_samples, paths_relative_to=META_FOLDER)
         write_meta(staging / "meta.json", {"benchmark_videos": entry})
     return output_dir / "meta.json"

@@ -10,8 +10,8 @@ a GIF or a folder of frames). Each sample is (see docs/ARCHITECTURE.md):
 Video samples draw T frames in ``[min_num_frame, max_num_frame]`` (never more than the video holds), one tile per
 frame, each announced by a ``Frame-N: <image>`` line, and then drop frames until the sample fits
 ``max_seq_length``: an image span is never cut. Records come from ``internvl.data.records``; samples that cannot be
-built (a record it refuses, a corrupt file, too long) are replaced by others and counted (``bad_samples``); a dataset
-that is mostly unreadable stops with an error.
+built (a record it refuses, a corrupt file, too long) are replaced by others and counted (``bad_samples``); a training
+set that is mostly unreadable stops with an error, an evaluation set never stops the run (see ``SupervisedDataset``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 EVAL_SUFFIX = "_val"
 META_KEYS = ("root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time", "length")
+# Our one key beside the official ones (the official trainer reads the entries' keys by name and ignores others):
+# with it, the entry's relative paths start from the meta file's folder instead of the working directory.
+PATHS_RELATIVE_TO = "paths_relative_to"
+META_FOLDER = "meta_folder"
+_MARK = f'"{PATHS_RELATIVE_TO}": "{META_FOLDER}"'  # as it reads in the file, for messages
 # Bad-sample policy: one unreadable file is skipped; a dataset that is mostly unreadable is an error.
 MAX_CONSECUTIVE_FAILURES = 10
 FAILURE_WINDOW = 50
@@ -57,6 +62,10 @@ def video_frame_token_estimate(num_image_token: int) -> int:
 
 class DatasetHealthError(RuntimeError):
     """Too many samples in a row (or in a recent window) could not be built."""
+
+
+class NoEvaluationSampleError(RuntimeError):
+    """Not one sample of the evaluation set can be built: the evaluation is skipped, the training goes on."""
 
 
 @dataclass(frozen=True)
@@ -75,27 +84,38 @@ class DatasetSpec:
         return self.name.endswith(EVAL_SUFFIX)
 
 
-def _resolve(meta_dir: Path, value: str, what: str, meta_path: Path) -> Path:
-    """Relative paths in ``meta.json`` are relative to its folder; the official code took them relative to the
-    working directory, which is tried second so existing meta files keep working."""
+def _resolve(meta_path: Path, entry: dict, key: str, where: str) -> Path:
+    """The path ``entry[key]`` names, by the one rule of ``load_meta``. The other folder is only looked in to say
+    what to fix."""
+    value = entry[key]
     path = Path(value).expanduser()
     if path.is_absolute():
         if path.exists():
             return path
-        raise FileNotFoundError(f"{meta_path}: {what} {value!r} does not exist; fix the path")
-    for candidate in (meta_dir / path, Path.cwd() / path):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(
-        f"{meta_path}: {what} {value!r} not found relative to the meta file's folder ({meta_dir}) nor to the "
-        "working directory; fix the path (relative paths are taken from the meta file's folder)"
-    )
+        raise FileNotFoundError(f"{where}: {key} {value!r} does not exist; fix the path")
+    meta_folder, working_directory = meta_path.parent.absolute(), Path.cwd()
+    if entry.get(PATHS_RELATIVE_TO) == META_FOLDER:
+        if (meta_folder / path).exists():
+            return meta_folder / path
+        base = f"the meta file's folder {meta_folder}, where this entry's relative paths start ({_MARK})"
+        fix = "fix the path"
+        if (working_directory / path).exists():
+            fix = f'it is in the working directory: remove "{PATHS_RELATIVE_TO}" from the entry'
+    else:
+        if (working_directory / path).exists():
+            return working_directory / path
+        base = f"the working directory {working_directory}, where relative paths start (as in the official trainer)"
+        fix = "run from the folder they are relative to (the one prepare ran in), or make them absolute"
+        if (meta_folder / path).exists():
+            fix = f"it is in the meta file's folder: add {_MARK} to the entry, or prepare again with --portable"
+    raise FileNotFoundError(f"{where}: {key} {value!r} not found in {base}; {fix}")
 
 
 @dataclass(frozen=True)
 class MetaEntry:
-    """One ``meta.json`` entry as ``write_meta`` writes it: the official keys, paths as written (relative to the meta
-    file's folder, or absolute)."""
+    """One ``meta.json`` entry as ``write_meta`` writes it: the official keys, paths as written (absolute, or relative
+    as ``load_meta`` reads them: to the working directory, or to the meta file's folder with
+    ``paths_relative_to=META_FOLDER``)."""
 
     root: str
     annotation: str
@@ -103,9 +123,11 @@ class MetaEntry:
     data_augment: bool = False
     max_dynamic_patch: int | None = None  # None: not written, the training's --max_dynamic_patch applies
     repeat_time: float = 1
+    paths_relative_to: str | None = None  # META_FOLDER, or None: the working directory
 
     def to_json(self) -> dict:
-        return {key: getattr(self, key) for key in META_KEYS if getattr(self, key) is not None}
+        keys = (*META_KEYS, PATHS_RELATIVE_TO)
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
 def _check_meta_entry(entry, where: str) -> None:
@@ -125,6 +147,11 @@ def _check_meta_entry(entry, where: str) -> None:
     max_patch = entry.get("max_dynamic_patch")
     if max_patch is not None and (not isinstance(max_patch, int) or max_patch < 1):
         raise ValueError(f"{where}: 'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+    if entry.get(PATHS_RELATIVE_TO, META_FOLDER) != META_FOLDER:
+        raise ValueError(
+            f'{where}: "{PATHS_RELATIVE_TO}" must be "{META_FOLDER}" (relative paths start from the meta file\'s '
+            f"folder), or be left out (they start from the working directory), got {entry[PATHS_RELATIVE_TO]!r}"
+        )
 
 
 def write_meta(meta_path: str | os.PathLike, entries: Mapping[str, MetaEntry]) -> None:
@@ -141,7 +168,13 @@ def write_meta(meta_path: str | os.PathLike, entries: Mapping[str, MetaEntry]) -
 
 def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
     """Read and check ``meta.json``: ``{name: {root, annotation, data_augment, max_dynamic_patch, repeat_time,
-    length}}`` (``length`` is informational and ``max_dynamic_patch`` optional)."""
+    length}}`` (``length`` is informational and ``max_dynamic_patch`` optional).
+
+    Paths, one rule: an absolute path is used as it is; a relative one starts from the working directory, as in the
+    official trainer, unless its entry has ``"paths_relative_to": "meta_folder"`` (what prepare's ``--portable``
+    writes): then it starts from the meta file's folder. Only that one place is looked in, so a path never resolves
+    to a different file by accident; a path not found there is a ``FileNotFoundError`` naming the entry, the
+    folder and the fix."""
     meta_path = Path(meta_path)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -155,12 +188,19 @@ def load_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
         raise ValueError(f"{meta_path}: expected a JSON object {{dataset name: settings}}, with at least one entry")
     specs = []
     for name, entry in meta.items():
-        _check_meta_entry(entry, f"{meta_path}: dataset {name!r}")
+        where = f"{meta_path}: dataset {name!r}"
+        _check_meta_entry(entry, where)
+        root = _resolve(meta_path, entry, "root", where)
+        if not root.is_dir():
+            raise ValueError(
+                f"{where}: root {entry['root']!r} is a file, not a folder; root is the folder the records' media "
+                "paths start from"
+            )
         specs.append(
             DatasetSpec(
                 name=name,
-                root=_resolve(meta_path.parent, entry["root"], "root", meta_path),
-                annotation=_resolve(meta_path.parent, entry["annotation"], "annotation", meta_path),
+                root=root,
+                annotation=_resolve(meta_path, entry, "annotation", where),
                 data_augment=bool(entry.get("data_augment", False)),
                 max_dynamic_patch=entry.get("max_dynamic_patch"),
                 repeat_time=entry.get("repeat_time", 1),
@@ -422,8 +462,11 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
 
     A sample that cannot be built is logged with its source, counted in ``bad_samples`` and replaced by another
     one (random for training, the next ones in order for evaluation, so evaluation stays deterministic).
-    ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or more than ``MAX_FAILURE_RATE`` of the last
-    ``FAILURE_WINDOW`` attempts, raise ``DatasetHealthError``.
+    In training, ``MAX_CONSECUTIVE_FAILURES`` failures in a row, or more than ``MAX_FAILURE_RATE`` of the last
+    ``FAILURE_WINDOW`` attempts, raise ``DatasetHealthError``. In evaluation a sample that failed is remembered
+    (per process) and not built again, and only a set of which no sample builds raises, with
+    ``NoEvaluationSampleError``, which the trainer turns into a skipped evaluation: an evaluation set never ends a
+    training run, and its failures repeat identically at every evaluation.
     """
 
     def __init__(self, datasets: list[LazySupervisedDataset], *, is_eval: bool, seed: int = 0):
@@ -435,6 +478,7 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
         self._consecutive_failures = 0
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple | None = None
+        self._unbuildable: set[int] = set()  # evaluation samples known to fail, in this process
 
     @property
     def lengths(self) -> list[int]:
@@ -465,6 +509,8 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
             index += len(self)
+        if self.is_eval:
+            return self._evaluation_sample(index)
         attempt = index
         while True:
             dataset, local_index = self._locate(attempt)
@@ -472,11 +518,31 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
                 sample = dataset.get_sample(local_index, self._sample_rng(attempt))
             except Exception as error:
                 self._record_failure(dataset.describe(local_index), error)
-                attempt = (attempt + 1) % len(self) if self.is_eval else int(self._training_rng().integers(len(self)))
+                attempt = int(self._training_rng().integers(len(self)))
                 continue
             self._recent.append(False)
             self._consecutive_failures = 0
             return sample
+
+    def _evaluation_sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index``, or the next one in order that builds."""
+        for offset in range(len(self)):
+            attempt = (index + offset) % len(self)
+            if attempt in self._unbuildable:
+                self._bad_samples.increment()
+                continue
+            dataset, local_index = self._locate(attempt)
+            try:
+                return dataset.get_sample(local_index, self._sample_rng(attempt))
+            except Exception as error:
+                self._unbuildable.add(attempt)
+                self._bad_samples.increment()
+                logger.warning("skipping bad evaluation sample %s: %s: %s", dataset.describe(local_index),
+                               type(error).__name__, error)
+        raise NoEvaluationSampleError(
+            f"none of the {len(self)} evaluation samples can be built (each is named in a warning above); fix or "
+            "remove those records of the '_val' dataset"
+        )
 
     def _record_failure(self, source: str, error: Exception) -> None:
         self._bad_samples.increment()
@@ -493,6 +559,19 @@ class SupervisedDataset(torch.utils.data.ConcatDataset):
                 f"{type(error).__name__}: {error}. Check the paths and roots in meta.json, or rerun "
                 "scripts/prepare_internvl3_finetuning.py to validate the data"
             ) from error
+
+
+def has_eval_records(meta_path: str | os.PathLike) -> bool:
+    """Whether ``build_datasets`` returns an evaluation set: a ``_val`` entry with at least one record (empty entries
+    are left out). False when meta.json or an evaluation annotation cannot be read: training reports that itself."""
+    try:
+        return any(
+            apply_repeat_time(read_records(spec.annotation), spec.repeat_time)
+            for spec in load_meta(meta_path)
+            if spec.is_eval
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def build_datasets(

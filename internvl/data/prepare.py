@@ -11,9 +11,11 @@ too long to ever fit a training sample are kept and warned about.
 Output (``OUTPUT_DIR``): ``meta.json`` (official keys) and a folder ``prepared-<version>/`` holding the JSONL files,
 ``rejected_records.jsonl`` and, with ``--extract-frames``, the frames. ``meta.json`` names the entry
 ``video_summary_dataset_train`` and, when the split holds records, ``video_summary_dataset_val``: an empty split
-gets no entry. Records of one video never straddle the split. Paths inside are relative (the video root relative
-to ``OUTPUT_DIR``) unless ``absolute_root``, and nothing depends on the clock or the machine, so the same input gives
-byte-identical files (the version is a hash of the content).
+gets no entry. Records of one video never straddle the split. ``meta.json`` names the video root and the files as
+they were given: relative to the working directory unless absolute (the official convention, so the official trainer
+started from the same folder finds them); ``absolute_root`` makes them absolute, ``portable`` relative to
+``OUTPUT_DIR`` (an entry marked so). Nothing depends on the clock, so the same input gives byte-identical files
+(the version is a hash of the content).
 
 The outputs change as a set: the version folder is written under a temporary name and renamed into place, then
 ``meta.json`` is switched to it (a temporary file renamed over the old one), and only then are older versions
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 
 from internvl.constants import VIDEO_PLACEHOLDER
 from internvl.conversation import get_conv_template
-from internvl.data.dataset import MetaEntry, SampleOptions, video_frame_token_estimate, write_meta
+from internvl.data.dataset import META_FOLDER, MetaEntry, SampleOptions, video_frame_token_estimate, write_meta
 from internvl.data.files import LockHeldError, atomic_directory, atomic_write_text, exclusive_lock
 from internvl.data.video import (
     VIDEO_SUFFIXES,
@@ -159,6 +161,7 @@ class PrepareReport:
     summary_room: int = 0  # estimated tokens a summary has room for, next to min_num_frame frames
     long_summaries: list[LongSummary] = field(default_factory=list)
     version_dir: Path | None = None  # the published folder, named by meta.json
+    meta: dict[str, MetaEntry] = field(default_factory=dict)  # what meta.json holds
 
     @property
     def rejected_by_reason(self) -> Counter:
@@ -200,6 +203,19 @@ class PrepareReport:
                 f"gap: {video}, {decoded} of {announced}); the decoded counts are recorded and used"
             )
         lines.append(f"wrote {self.output_dir / META_FILE} (data in {self.version_dir})")
+        entries = self.meta.values()
+        if any(not Path(path).is_absolute() for entry in entries for path in (entry.root, entry.annotation)):
+            if any(entry.paths_relative_to for entry in entries):
+                lines.append(
+                    f"paths in {META_FILE} are relative to its folder (--portable): the official trainer must be "
+                    "started there"
+                )
+            else:
+                lines.append(
+                    f"paths in {META_FILE} are relative to the working directory {Path.cwd()}, as the official "
+                    "trainer reads them: start the training there (or prepare with --portable for a folder that "
+                    "can move)"
+                )
         return lines
 
 
@@ -623,9 +639,13 @@ def _record_ids(records: list[ValidRecord]) -> dict[int, str]:
     return ids
 
 
-def _path_for_meta(path: Path, output_dir: Path, absolute: bool) -> str:
+def _path_for_meta(path: Path, output_dir: Path, *, absolute: bool, portable: bool) -> str:
+    """``path`` as meta.json names it: as given (relative to the working directory unless absolute), absolute, or
+    relative to ``output_dir`` (``portable``)."""
     if absolute:
         return os.path.abspath(path)
+    if not portable:
+        return path.as_posix()
     try:
         return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))).as_posix()
     except ValueError:  # another drive on Windows: no relative path exists
@@ -765,6 +785,7 @@ def prepare_dataset(
     extract: bool = False,
     num_frames: int = 32,
     absolute_root: bool = False,
+    portable: bool = False,
     video_backend: str = "pyav",
     max_seq_length: int = SampleOptions.max_seq_length,
     min_num_frame: int = SampleOptions.min_num_frame,
@@ -781,6 +802,8 @@ def prepare_dataset(
         raise PrepareError("the prompt is empty")
     if extract and num_frames < 1:
         raise PrepareError(f"--num-frames must be at least 1, got {num_frames}")
+    if absolute_root and portable:
+        raise PrepareError("--absolute-root and --portable exclude each other: pass one of them")
     # What a sample holds besides the summary: the system message (the template's without one) and the prompt.
     sample_text = (system_prompt or get_conv_template(SampleOptions.template_name).system_message) + prompt
     if summary_token_room(max_seq_length, min_num_frame, sample_text) <= 0:
@@ -832,12 +855,14 @@ def prepare_dataset(
     version_dir = output_dir / (VERSION_PREFIX + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12])
 
     # An empty split gets no entry: the launcher switches evaluation on for a "_val" entry.
+    style = dict(absolute=absolute_root, portable=portable)
     meta = {
         name: MetaEntry(
-            root=_path_for_meta(version_dir if extract else root, output_dir, absolute_root),
-            annotation=_path_for_meta(version_dir / f"{name}.jsonl", output_dir, absolute_root),
+            root=_path_for_meta(version_dir if extract else root, output_dir, **style),
+            annotation=_path_for_meta(version_dir / f"{name}.jsonl", output_dir, **style),
             length=len(records),
             max_dynamic_patch=1,
+            paths_relative_to=META_FOLDER if portable else None,
         )
         for name, records in splits.items()
     }
@@ -848,7 +873,7 @@ def prepare_dataset(
             extract_frames(record, root, folder / frame_folders[real_path], num_frames, video_backend)
 
     publish(output_dir, version_dir.name, files, meta, write_frames)
-    report.version_dir = version_dir
+    report.version_dir, report.meta = version_dir, meta
     report.train_records, report.val_records = len(train), len(val)
     report.train_videos = len({record.real_path for record in train})
     report.val_videos = len({record.real_path for record in val})

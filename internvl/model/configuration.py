@@ -167,16 +167,22 @@ class InternVLChatConfig(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        # Official configs (and the official remote code) read the legacy RoPE keys; keep them beside
-        # ``rope_parameters`` so a saved model still loads there.
-        rope = output["llm_config"].get("rope_parameters") or {}
-        if "rope_theta" in rope:
-            output["llm_config"].setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default":
-            legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
-            legacy["type"] = legacy.pop("rope_type")
-            output["llm_config"].setdefault("rope_scaling", legacy)
+        output["llm_config"] = with_legacy_rope_keys(output["llm_config"])
         return output
+
+
+def with_legacy_rope_keys(llm_config: dict[str, Any]) -> dict[str, Any]:
+    """``llm_config`` (a dict) with the RoPE settings also under the legacy keys (``rope_theta``, ``rope_scaling``)
+    beside ``rope_parameters``: official configs, the official remote code and transformers 4 read those."""
+    llm_config = dict(llm_config)
+    rope = llm_config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        llm_config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+        legacy["type"] = legacy.pop("rope_type")
+        llm_config.setdefault("rope_scaling", legacy)
+    return llm_config
 
 
 # Lets transformers' Auto classes (AutoTokenizer reads the model config first) recognise these directories

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,14 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerB
 
 from internvl.constants import IMG_CONTEXT_TOKEN, INTERNVL_SPECIAL_TOKENS
 from internvl.model.configuration import InternVLChatConfig
+from internvl.model.hf_layout import (
+    HF_LAYOUT,
+    PROCESSOR_PLACEHOLDER_TOKENS,
+    checkpoint_layout,
+    finish_hf_load,
+    read_model_config,
+    reading_hf_layout,
+)
 from internvl.model.internvl_chat import InternVLChatModel
 
 # Modules kept in the load dtype when the LLM is quantized. Giving a skip list replaces transformers' default one,
@@ -107,37 +116,61 @@ def load_internvl_model(
     attn_implementation: str = "sdpa",
     config_overrides: dict[str, Any] | None = None,
 ) -> InternVLChatModel:
-    """Load an official-layout InternVL checkpoint, the LLM optionally in 4-bit, ready for LoRA wrapping.
+    """Load an InternVL checkpoint in the official or the -hf layout (``internvl.model.hf_layout``) as an
+    ``InternVLChatModel``, the LLM optionally in 4-bit, ready for LoRA wrapping.
 
     ``img_context_token_id`` is set from the tokenizer in the same directory. Under DeepSpeed ZeRO-3 leave
     ``device_map`` as None (transformers then puts the 4-bit model on the current CUDA device).
     """
     model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path} has no config.json: expected an InternVL checkpoint directory")
+    layout = checkpoint_layout(model_path)
     tokenizer = load_tokenizer(model_path)
-    config = InternVLChatConfig.from_pretrained(model_path)
+    config = read_model_config(model_path)
     apply_config_overrides(config, config_overrides)
-    if len(tokenizer) > config.llm_config.vocab_size:
-        raise ValueError(
-            f"the tokenizer in {model_path} has {len(tokenizer)} tokens but the LLM embeds only "
-            f"{config.llm_config.vocab_size}: tokenizer and weights do not belong together"
+    _check_tokenizer_fits(tokenizer, config, model_path)
+    quantization_config = (
+        build_bnb_config(
+            torch_dtype=torch_dtype,
+            bnb_4bit_quant_type=bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
         )
-    model = InternVLChatModel.from_pretrained(
-        model_path,
-        config=config,
-        dtype=torch_dtype,
-        quantization_config=(
-            build_bnb_config(
-                torch_dtype=torch_dtype,
-                bnb_4bit_quant_type=bnb_4bit_quant_type,
-                bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
-            )
-            if load_in_4bit
-            else None
-        ),
-        device_map=device_map,
-        attn_implementation=attn_implementation,
+        if load_in_4bit
+        else None
     )
+    with reading_hf_layout() if layout == HF_LAYOUT else contextlib.nullcontext():
+        model, loading_info = InternVLChatModel.from_pretrained(
+            model_path,
+            config=config,
+            dtype=torch_dtype,
+            quantization_config=quantization_config,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+        )
+    if layout == HF_LAYOUT:
+        finish_hf_load(model, loading_info, model_path)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     return model
+
+
+def _check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: InternVLChatConfig, model_path: Path) -> None:
+    """Every token the model can be given has an embedding row, and the image token is the one the config names."""
+    vocab_size = config.llm_config.vocab_size
+    # -hf tokenizers add the processor's ``<video>`` placeholder past the embedding; it never reaches the model.
+    unembedded = [
+        token
+        for token, token_id in tokenizer.get_vocab().items()
+        if token_id >= vocab_size and token not in PROCESSOR_PLACEHOLDER_TOKENS
+    ]
+    if unembedded:
+        raise ValueError(
+            f"the tokenizer in {model_path} has {len(tokenizer)} tokens but the LLM embeds only {vocab_size} "
+            f"(e.g. {sorted(unembedded)[:3]} have no row): tokenizer and weights do not belong together"
+        )
+    image_token_id = getattr(config, "img_context_token_id", None)
+    if image_token_id is not None and image_token_id != tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN):
+        raise ValueError(
+            f"config.json in {model_path} names image token id {image_token_id} but the tokenizer gives "
+            f"{IMG_CONTEXT_TOKEN} the id {tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)}: tokenizer and "
+            "config do not belong together"
+        )

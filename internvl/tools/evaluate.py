@@ -4,20 +4,25 @@ Records come from the ``_val`` entries of a ``meta.json`` or from any JSONL in t
 video (or image), one ``human`` turn (the prompt, used as is) and one ``gpt`` turn (the reference), optionally
 after a ``system`` turn. Frames are sampled at segment middles, as for evaluation during training.
 
-Generation is resumable: predictions are appended to ``predictions*.jsonl`` after every batch, a rerun skips the
-ids already there and the metrics are always recomputed from the whole file. A video or image that cannot be read
-is recorded as a failed prediction (with the error), reported, and retried on the next run. Output folder:
+Generation is resumable: predictions are appended to ``predictions*.jsonl`` after every batch, a rerun reuses the
+ids already there (and says so) and the metrics are always recomputed from the whole file. The reuse is keyed to
+the weights (a fingerprint of the adapter and model files) and the generation settings: when either changed since
+the predictions were generated (a retrained adapter in the same folder), the run starts over, keeping the old file
+as ``predictions*.previous.jsonl``. A video or image that cannot be read is recorded as a failed prediction (with
+the error), reported, and retried on the next run; the script then exits with code 1. Output folder:
 
 - ``predictions.jsonl`` (and ``predictions_base.jsonl`` with a comparison model): ``id``, ``prediction``,
   ``reference``, ``prompt``, ``media``, ``source``, or ``error`` instead of ``prediction``;
 - ``metrics.json``: the scores of every evaluated model, the data and the generation settings;
 - ``report.md`` and ``metric_bars.png``: the scores side by side and a few examples;
-- ``run_settings.json``: what produced the predictions, checked on resume so runs are never mixed.
+- ``run_settings.json``: what produced the predictions (model, weights fingerprint, generation settings), checked on
+  resume so runs are never mixed.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -28,10 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from internvl.data.dataset import EVAL_SUFFIX, load_meta
-from internvl.data.files import atomic_write_text
+from internvl.data.files import atomic_write_text, unwritable_folder_reason
 from internvl.data.records import Record, RecordError, Role, read_records
 from internvl.data.video import VideoDecodeError
-from internvl.model.adapters import load_model_for_inference, resolve_model_source
+from internvl.model.adapters import ModelSource, load_model_for_inference, resolve_model_source
 from internvl.tools.infer import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_FRAMES,
@@ -55,6 +60,10 @@ RUN_SETTINGS_NAME = "run_settings.json"
 NUM_REPORT_EXAMPLES = 3
 # Errors reading one record's media: recorded as a failed prediction instead of ending the run.
 MEDIA_ERRORS = (VideoDecodeError, FileNotFoundError, ValueError, OSError)
+# Weight files up to this size are fingerprinted by their content; larger ones (full-model shards) by their size,
+# modification time and first and last MiB, which a rewrite changes too, without reading gigabytes on every run.
+FULL_HASH_BYTES = 256 * 2**20
+EDGE_BYTES = 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +285,7 @@ class EvaluationConfig:
         }
 
     def run_settings(self) -> dict:
-        """What decides the predictions; a resumed run must match it."""
+        """What decides the predictions (weights included); a resumed run must match it."""
         shared = {
             "num_frames": self.num_frames,
             "frame_sampling": "middle",
@@ -285,26 +294,56 @@ class EvaluationConfig:
             "dtype": self.dtype,
         }
         return {
-            label: {"model": str(path), "base_model": str(base) if base else None, **shared}
+            label: {
+                "model": str(path),
+                "base_model": str(base) if base else None,
+                "weights": weights_fingerprint(resolve_model_source(path, base)),
+                **shared,
+            }
             for label, (path, base, _) in self.models().items()
         }
 
 
-def _check_resume(config: EvaluationConfig, settings: dict) -> None:
+def weights_fingerprint(source: ModelSource) -> str:
+    """A hash of the files that decide the loaded weights (see ``FULL_HASH_BYTES``)."""
+    digest = hashlib.sha256()
+    for path in source.weight_files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}:".encode())
+        with open(path, "rb") as f:
+            if size <= FULL_HASH_BYTES:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            else:
+                digest.update(f"{path.stat().st_mtime_ns}:".encode() + f.read(EDGE_BYTES))
+                f.seek(-EDGE_BYTES, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _start_over_if_stale(config: EvaluationConfig, settings: dict) -> None:
+    """Move aside the predictions that other weights or settings produced (or that no settings file vouches for)."""
     previous_path = config.output_dir / RUN_SETTINGS_NAME
-    if not previous_path.is_file():
-        return
-    previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    try:
+        previous = json.loads(previous_path.read_text(encoding="utf-8")) if previous_path.is_file() else {}
+    except ValueError:
+        previous = {}
     for label, (_, _, file_name) in config.models().items():
         predictions = config.output_dir / file_name
-        if not predictions.is_file() or predictions.stat().st_size == 0 or label not in previous:
+        if not predictions.is_file() or predictions.stat().st_size == 0:
             continue
-        changed = sorted(k for k in settings[label] if previous[label].get(k) != settings[label][k])
-        if changed:
-            raise ValueError(
-                f"{predictions} was generated with different settings ({', '.join(changed)} changed, see "
-                f"{previous_path}); use a new --output-dir, or delete that file to start over"
-            )
+        before = previous.get(label) if isinstance(previous, dict) else None
+        if not isinstance(before, dict):
+            reason = f"no {RUN_SETTINGS_NAME} records what produced them"
+        else:
+            changed = sorted(key for key in settings[label] if before.get(key) != settings[label][key])
+            if not changed:
+                continue
+            reason = f"they were generated with other {', '.join(changed)}"
+        kept = predictions.with_suffix(".previous.jsonl")
+        os.replace(predictions, kept)
+        logger.warning("[%s] not reusing %s: %s; starting over (the old predictions are now %s)", label,
+                       predictions, reason, kept.name)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -330,9 +369,11 @@ def evaluate_model(
     ids = {record.id for record in records}
     done = read_predictions(predictions_path, ids)
     pending = [record for record in records if "prediction" not in done.get(record.id, {})]
+    if len(pending) < len(records):
+        logger.info("[%s] reusing %d predictions from %s (same weights and generation settings)", label,
+                    len(records) - len(pending), predictions_path)
     if pending:
-        logger.info("[%s] %d of %d records already done; generating %d", label, len(records) - len(pending),
-                    len(records), len(pending))
+        logger.info("[%s] generating %d of %d records", label, len(pending), len(records))
         model, tokenizer, _ = load_model_for_inference(
             path,
             base_model=base_model,
@@ -442,10 +483,13 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     """Evaluate ``config.model`` (and ``config.compare``) and write the output folder; returns ``metrics.json``."""
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {config.batch_size}")
+    unwritable = unwritable_folder_reason(config.output_dir)
+    if unwritable:
+        raise ValueError(f"--output-dir {config.output_dir} {unwritable}; give a writable folder")
     records, data_description = load_eval_records(meta_path=config.meta_path, jsonl=config.jsonl, root=config.root)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     settings = config.run_settings()
-    _check_resume(config, settings)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    _start_over_if_stale(config, settings)
     atomic_write_text(config.output_dir / RUN_SETTINGS_NAME, json.dumps(settings, indent=2) + "\n")
 
     summaries, predictions = {}, {}

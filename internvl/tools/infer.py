@@ -107,6 +107,16 @@ def load_image(path: str | Path, image_size: int, max_num_tiles: int, use_thumbn
     return VisualInput(torch.stack([transform(tile) for tile in tiles]), is_video=False)
 
 
+def check_media_kind(path: str | Path, *, video: bool) -> None:
+    """``ValueError`` when ``path`` is not the kind of input its flag says (``--video`` / ``--image``)."""
+    if is_frame_folder(path) and not video:
+        raise ValueError(f"--image {path} is a folder; a folder of frames is a video: pass it with --video")
+    if not video and not is_image_file(path):
+        raise ValueError(f"--image {path} is not an image file ({', '.join(IMAGE_SUFFIXES)}); for a video use --video")
+    if video and is_image_file(path):
+        raise ValueError(f"--video {path} is an image file; use --image")
+
+
 def load_visual_input(path: str | Path, config, num_frames: int = DEFAULT_NUM_FRAMES, **video_metadata) -> VisualInput:
     """A video or an image (by suffix), prepared as the model's ``config`` (an ``InternVLChatConfig``) wants."""
     if not is_frame_folder(path) and not Path(path).is_file():

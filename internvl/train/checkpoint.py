@@ -22,17 +22,21 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from internvl.data.files import atomic_path, atomic_write_text
+from internvl.data.files import atomic_path, atomic_write_text, honour_umask
 from internvl.model.adapters import ADAPTER_FOLDERS, NON_LORA_WEIGHTS_NAME
 
 TRAINER_STATE_NAME = "trainer_state.json"
+# DeepSpeed's checkpoint names the folder (tag) holding its partitions in this file.
+DEEPSPEED_LATEST_NAME = "latest"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -78,6 +82,7 @@ def save_trained_weights(
     if remaining:
         with atomic_path(output_dir / NON_LORA_WEIGHTS_NAME) as tmp_path:
             save_file({k: v.contiguous() for k, v in remaining.items()}, str(tmp_path))
+            honour_umask(tmp_path)  # safetensors writes its files private (0600)
     config = json.loads(model.config.to_json_string(use_diff=False))
     # The adapters apply to the original (unquantized) checkpoint; how the base was loaded for training is
     # recorded in run_args.json, not here, so the config stays an official one.
@@ -96,6 +101,7 @@ def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Ten
         )
         for file in scratch.iterdir():
             if file.is_file():
+                honour_umask(file)
                 os.replace(file, target / file.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -140,3 +146,80 @@ def last_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[
             return checkpoint, incomplete
         incomplete.append(checkpoint)
     return None, incomplete
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a file of a checkpoint cannot be loaded (its structure only: JSON, safetensors header and length, the
+    zip directory of a ``torch.save`` file), or None."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            with safe_open(path, framework="pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path):
+                pass
+    except Exception as error:  # OSError, JSON and zip errors, and safetensors' own SafetensorError
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> str | None:
+    """What makes a complete checkpoint unloadable (``file: reason``), or None. Reads headers only, not the
+    tensors: a file cut short (an interrupted copy, a full disk) is found, a flipped bit inside a tensor is not."""
+    folder = Path(folder)
+    latest = folder / DEEPSPEED_LATEST_NAME
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not (folder / tag).is_dir() or not list((folder / tag).glob("*model_states.pt")):
+            return f"{latest.name}: names DeepSpeed state {tag!r}, which is missing"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        problem = _unreadable(path)
+        if problem:
+            return f"{path.relative_to(folder)}: {problem}"
+    return None
+
+
+def damaged_checkpoint_message(checkpoint: str | os.PathLike, candidates: list[Path]) -> str | None:
+    """None when ``checkpoint`` loads; else one line naming the damaged file and the newest earlier checkpoint of
+    ``candidates`` that is complete and intact, with the flag that resumes from it."""
+    checkpoint = Path(checkpoint)
+    problem = verify_checkpoint(checkpoint)
+    if problem is None:
+        return None
+    earlier = [c for c in candidates if _step(c) < _step(checkpoint) and (c / TRAINER_STATE_NAME).is_file()]
+    intact = next((c for c in reversed(earlier) if verify_checkpoint(c) is None), None)
+    if intact is None:
+        advice = "no earlier checkpoint is intact: delete it, or pass --overwrite_output_dir True to start over"
+    else:
+        advice = (f"{intact.name} is intact: resume from it with --resume_from_checkpoint {intact} (or delete "
+                  f"{checkpoint.name} and rerun)")
+    return f"checkpoint {checkpoint} is damaged ({problem}); {advice}"
+
+
+def _step(checkpoint: Path) -> int:
+    match = _CHECKPOINT_RE.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+class CheckpointWriteError(OSError):
+    """Saving a checkpoint or the final weights failed: the message names the folder, the last file written and
+    the free disk space."""
+
+
+def checkpoint_write_error(folder: str | os.PathLike, error: BaseException) -> CheckpointWriteError:
+    """The one-line error for a failed save into ``folder``. Libraries word disk-full differently (torch's C++
+    writer says "basic_ios::clear: iostream error"), so the free space is measured and reported as well."""
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    written = f" (last file written: {newest.relative_to(folder)})" if newest else ""
+    return CheckpointWriteError(
+        f"saving {folder} failed{written}: {cause}; {free / 2**20:.1f} MiB free on its disk: free space or set "
+        "OUTPUT_DIR on a larger disk (--save_total_limit bounds the checkpoints kept), then rerun to resume from the "
+        "last complete checkpoint"
+    )

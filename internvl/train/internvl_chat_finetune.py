@@ -6,9 +6,11 @@
 
 also runs as ``python -m internvl.train.internvl_chat_finetune``. The flags are the official ones (see
 ``internvl.train.arguments``); the steps are: arguments (which set the device and register the DeepSpeed config,
-so transformers loads the 4-bit model the ZeRO-3 way) -> output folder (resume or start over) -> tokenizer and
-model -> freezing and LoRA -> gradient checkpointing (of all LLM decoder layers, or of as many as the memory budget
-needs) -> datasets -> Trainer -> train, save, evaluate.
+so transformers loads the 4-bit model the ZeRO-3 way) -> the checks that need no model (``run_guard.preflight``:
+paths, output folder, resume compatibility) -> the output folder's lock -> output folder (resume or start over) ->
+tokenizer and model -> freezing and LoRA -> gradient checkpointing (of all LLM decoder layers, or of as many as the
+memory budget needs) -> datasets -> Trainer -> train, save, evaluate.
+Started as a command, a bad input or environment fault ends the run with one line (``error: ...``) and exit code 1.
 """
 
 from __future__ import annotations
@@ -20,20 +22,18 @@ if __package__ in (None, ""):
     # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import json
 import os
 import shlex
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from contextlib import nullcontext
 
 import torch
 from transformers import set_seed
 
 from internvl.data.collate import InternVLDataCollator
-from internvl.data.dataset import build_datasets
-from internvl.data.files import atomic_write_text
+from internvl.data.dataset import DatasetHealthError, build_datasets
 from internvl.model.fusion import apply_liger_kernels, check_liger_usable, compile_decoder_layers
 from internvl.model.loading import load_internvl_model, load_tokenizer
 from internvl.tools.plots import plot_training_curves
@@ -47,9 +47,15 @@ from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
 from internvl.train.checkpoint import last_complete_checkpoint, list_checkpoints
 from internvl.train.launch import CUDA_ARCH_LIST_ENV, LAUNCH_COMMAND_ENV, deepspeed_compatible_arch_list
 from internvl.train.memory_budget import leave_layers_out_of_checkpointing
+from internvl.train.run_guard import (
+    RunRecordCallback,
+    output_dir_lock,
+    preflight,
+    resume_checkpoint,
+    save_run_record,
+)
 from internvl.train.trainer import InternVLTrainer
 
-RUN_ARGS_NAME = "run_args.json"
 COMMAND_NAME = "command.txt"
 # DeepSpeed's ZeRO collectives call torch.distributed functions that torch >= 2.14 deprecates, with a warning on
 # every step of every process; nothing for users to change.
@@ -66,6 +72,11 @@ def check_arguments(model_args: ModelArguments, training_args: InternVLTrainingA
     """Reject combinations that cannot train, before minutes are spent loading the model."""
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: pass --do_train True and/or --do_eval True.")
+    if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise ValueError(
+            f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing: set EPOCHS (--num_train_epochs) "
+            "or --max_steps above 0."
+        )
     if model_args.load_in_4bit and not model_args.freeze_llm and not model_args.use_llm_lora:
         raise ValueError(
             "A 4-bit LLM cannot be trained directly: pass --use_llm_lora R (QLoRA), or --load_in_4bit False to "
@@ -89,9 +100,7 @@ def check_arguments(model_args: ModelArguments, training_args: InternVLTrainingA
 def prepare_output_dir(training_args: InternVLTrainingArguments) -> str | None:
     """Start over (``--overwrite_output_dir True``) or return the checkpoint to resume from."""
     output_dir = Path(training_args.output_dir)
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if training_args.overwrite_output_dir:
+    if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
         # Old checkpoints would otherwise mix with the new run's in rotation and in a later resume.
         with training_args.main_process_first(local=False, desc="clearing old checkpoints"):
             if training_args.should_save:
@@ -100,10 +109,11 @@ def prepare_output_dir(training_args: InternVLTrainingArguments) -> str | None:
                     shutil.rmtree(checkpoint)
                 (output_dir / TRAINING_LOG_NAME).unlink(missing_ok=True)
         return None
-    checkpoint, incomplete = last_complete_checkpoint(output_dir)
-    for folder in incomplete:
-        log(f"Skipping incomplete checkpoint {folder} (no trainer_state.json: the run stopped while saving it).")
-    if checkpoint is not None:
+    if not training_args.resume_from_checkpoint:
+        for folder in last_complete_checkpoint(output_dir)[1]:
+            log(f"Skipping incomplete checkpoint {folder} (no trainer_state.json: the run stopped while saving it).")
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is not None and not training_args.resume_from_checkpoint:
         log(f"Resuming from {checkpoint} (pass --overwrite_output_dir True to start over).")
     return str(checkpoint) if checkpoint else None
 
@@ -229,16 +239,10 @@ def write_loss_curves(output_dir: Path) -> str:
         return "No loss curves: no loss was logged (fewer optimizer steps than --logging_steps)."
 
 
-def write_run_record(output_dir: Path, argv: list[str], args: tuple) -> None:
-    """``run_args.json`` (the resolved arguments of this run) and ``command.txt`` (every launch, appended)."""
-    model_args, data_args, training_args = args
-    record = {
-        "model_args": asdict(model_args),
-        "data_args": asdict(data_args),
-        "training_args": training_args.to_dict(),
-    }
-    atomic_write_text(output_dir / RUN_ARGS_NAME, json.dumps(record, indent=2, default=str) + "\n")
-    lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S')} world size {training_args.world_size}"]
+def write_run_record(output_dir: Path, argv: list[str], record: dict, world_size: int) -> None:
+    """``run_args.json`` (the run record of ``run_guard``) and ``command.txt`` (every launch, appended)."""
+    save_run_record(output_dir, record)
+    lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S')} world size {world_size}"]
     if os.environ.get(LAUNCH_COMMAND_ENV):
         lines.append(os.environ[LAUNCH_COMMAND_ENV])
     else:
@@ -257,6 +261,17 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
     warnings.filterwarnings("ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATION, category=FutureWarning)
     model_args, data_args, training_args = parse_args(argv)
     check_arguments(model_args, training_args)
+    record, notes = preflight(model_args, data_args, training_args, training_args.world_size)
+    for note in notes:
+        log(f"Warning: {note}")
+    # The main process holds the output folder for the whole run; a second run into it stops here.
+    holds_folder = training_args.do_train and training_args.should_save
+    with output_dir_lock(training_args.output_dir) if holds_folder else nullcontext():
+        train_and_evaluate(argv, (model_args, data_args, training_args), record, trainer_class)
+
+
+def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class: type[InternVLTrainer]) -> None:
+    model_args, data_args, training_args = args
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     resume_from = prepare_output_dir(training_args) if training_args.do_train else None
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
     if evaluating and eval_dataset is None:
         raise ValueError(
             f"Evaluation was requested (--do_eval / --eval_strategy) but {data_args.meta_path} lists no evaluation "
-            "dataset (a name ending in '_val'); add one, or drop --do_eval and set --eval_strategy no."
+            "records (a dataset whose name ends in '_val', with at least one record); add one, or drop --do_eval and "
+            "set --eval_strategy no."
         )
 
     trainer = trainer_class(
@@ -300,12 +316,12 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         eval_dataset=eval_dataset if evaluating else None,
         data_collator=InternVLDataCollator(pad_token_id=tokenizer.pad_token_id, **data_args.collator_options()),
         processing_class=tokenizer,
-        callbacks=[TrainingLogCallback(output_dir)],
+        callbacks=[TrainingLogCallback(output_dir), RunRecordCallback(record)],
         base_model_path=model_args.model_name_or_path,
     )
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_record(output_dir, argv, (model_args, data_args, training_args))
+        write_run_record(output_dir, argv, record, training_args.world_size)
     if data_args.use_packed_ds and training_args.per_device_train_batch_size == 1:
         log("--use_packed_ds True packs the samples of a batch, and --per_device_train_batch_size 1 makes batches of "
             "one sample: nothing is packed. Raise the batch size (and lower --gradient_accumulation_steps) to pack.")
@@ -332,5 +348,34 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
     log(f"Outputs are in {output_dir}")
 
 
+# Faults of the input or the environment: one line, not a traceback per process.
+USER_ERRORS = (ValueError, OSError, DatasetHealthError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, without the worker's traceback that
+    torch puts in front of it."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "  # the traceback's last line: "package.module.Name: message"
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
+
+
+def run_command_line() -> None:
+    """``main()`` as a command: a ``USER_ERRORS`` error is printed as one line and the exit code is 1. Input errors
+    are the same on every process and printed by the first; others (a full disk, a broken file) by each process
+    that meets them, as they may concern one node only."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        elif not isinstance(error, ValueError):
+            print(f"error (rank {rank}): {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run_command_line()

@@ -5,7 +5,8 @@ thin wrappers around this module, so the batch arithmetic and the defaults are t
 
     GPUS                   processes per node (default: the visible GPUs, or 2 CPU processes without GPUs)
     NNODES, NODE_RANK      multi-node layout (default 1 and 0; SLURM_NNODES / SLURM_NODEID under SLURM)
-    MASTER_ADDR, MASTER_PORT  rendezvous of node 0 (default 127.0.0.1:34229)
+    MASTER_ADDR, MASTER_PORT  rendezvous of node 0 (default 127.0.0.1:34229; on one node, another free port when
+                           34229 is taken and MASTER_PORT is not set)
     PER_DEVICE_BATCH_SIZE  micro-batch per process (default 4)
     BATCH_SIZE             samples per optimizer step over all processes (default 32); gradient accumulation
                            = BATCH_SIZE / (PER_DEVICE_BATCH_SIZE x GPUS x NNODES) and must be a whole number
@@ -15,6 +16,11 @@ thin wrappers around this module, so the batch arithmetic and the defaults are t
 
 Arguments after the environment (``"$@"`` of the shell scripts) are appended to the training command, so they
 override the defaults. Without GPUs the run uses DeepSpeed's CPU accelerator (gloo) and ``--use_cpu True``.
+
+Before ``torchrun`` starts, the training arguments are parsed as training parses them and checked by
+``internvl.train.run_guard.preflight`` (paths, output folder, resume compatibility, a run already using the
+output folder): a problem is one line and exit code 1, before any model is loaded. ``torchrun`` runs in this
+process, so a failed run ends with one line naming the process that failed, not a traceback of ``torchrun``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from internvl.data.dataset import EVAL_SUFFIX
+from internvl.data.dataset import has_eval_records
 
 FINETUNE_SCRIPT = Path(__file__).with_name("internvl_chat_finetune.py")
 # The training process records the command that started it (``command.txt``) from this variable.
@@ -109,17 +117,6 @@ def _positive_int(env: Mapping[str, str], name: str, default: str | None = None,
     return value
 
 
-def meta_has_val_split(meta_path: str | Path) -> bool:
-    """Whether meta.json lists an evaluation dataset (a name ending in ``_val``); False if it is unreadable
-    (training then reports the problem with the file itself)."""
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and any(name.endswith(EVAL_SUFFIX) for name in meta)
-
-
 def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: int) -> LaunchPlan:
     use_cpu = visible_gpus == 0
     gpus_default = env.get("SLURM_GPUS_ON_NODE") or str(visible_gpus or DEFAULTS["CPU_PROCESSES"])
@@ -177,7 +174,7 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
         "--deepspeed", env.get("DEEPSPEED_CONFIG") or DEFAULTS["DEEPSPEED_CONFIG"],
         "--report_to", "tensorboard",
     ]  # fmt: skip
-    if meta_has_val_split(meta_path):
+    if has_eval_records(meta_path):
         train_args += ["--do_eval", "True", "--eval_strategy", "steps", "--eval_steps", "100"]
     launch_env, notes = {}, []
     if use_cpu:
@@ -204,6 +201,65 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
         env=launch_env,
         notes=notes,
     )
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server can listen on ``port`` here (as torchrun's rendezvous store on node 0 does)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_master_port(env: Mapping[str, str], nnodes: int, node_rank: int,
+                       default: int = int(DEFAULTS["MASTER_PORT"])) -> tuple[int, str | None]:
+    """The rendezvous port and a note when it is not the one asked for. Only node 0 listens, so only there can
+    the port be checked; a single-node run without ``MASTER_PORT`` moves to a free port instead of failing."""
+    port = _positive_int(env, "MASTER_PORT", str(default))
+    if node_rank != 0 or port_is_free(port):
+        return port, None
+    if env.get("MASTER_PORT") or nnodes > 1:
+        raise ValueError(f"MASTER_PORT={port} is in use on this machine (another training run?); set MASTER_PORT "
+                         "to a free port")
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        free = probe.getsockname()[1]
+    return free, f"Port {port} is in use (another training run?): using port {free} (MASTER_PORT sets it)."
+
+
+def check_before_launch(plan: LaunchPlan) -> list[str]:
+    """Parse the training arguments as training does and run its pre-flight checks; ``ValueError`` / ``OSError``
+    with one line for the first problem. Returns the warnings to print."""
+    from internvl.train.internvl_chat_finetune import check_arguments
+    from internvl.train.run_guard import parse_args_for_checks, preflight, refuse_if_in_use
+
+    model_args, data_args, training_args = parse_args_for_checks(plan.train_args)
+    check_arguments(model_args, training_args)
+    _, warnings = preflight(model_args, data_args, training_args, plan.world_size)
+    if training_args.do_train and plan.node_rank == 0:  # the other nodes see node 0's run holding it
+        refuse_if_in_use(training_args.output_dir)
+    return warnings
+
+
+def run_torchrun(plan: LaunchPlan) -> None:
+    """``torchrun`` with the plan's command, in this process; a failed process ends the launcher with one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args
+    from torch.distributed.run import run
+
+    try:
+        run(torchrun_args(plan.command()[3:]))
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        sys.exit(f"error: training stopped: process {rank} {how} (its message is above)")
+    except SignalException as stop:
+        sys.exit(f"training stopped by {stop.sigval.name}")
 
 
 def zero3_speed_note(plan: LaunchPlan) -> str | None:
@@ -291,18 +347,28 @@ def main(argv: list[str] | None = None) -> None:
         extra = extra[1:]
     try:
         plan = resolve_plan(os.environ, extra, visible_gpu_count())
+        port_note = None
+        if not args.dry_run:
+            plan.master_port, port_note = choose_master_port(os.environ, plan.nnodes, plan.node_rank)
     except ValueError as error:
         sys.exit(f"error: {error}")
     command = plan.command()
     printable = " ".join([*(f"{k}={v}" for k, v in plan.env.items()), shlex.join(command)])
     print(plan.summary(), flush=True)
-    for note in [*plan.notes, zero3_speed_note(plan)]:
+    for note in [*plan.notes, port_note, zero3_speed_note(plan)]:
         if note:
             print(note, flush=True)
     print(printable, flush=True)
     if args.dry_run:
         return
-    os.execvpe(command[0], command, {**os.environ, **plan.env, LAUNCH_COMMAND_ENV: printable})
+    try:
+        warnings = check_before_launch(plan)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    for warning in warnings:
+        print(f"Warning: {warning}", flush=True)
+    os.environ.update({**plan.env, LAUNCH_COMMAND_ENV: printable})
+    run_torchrun(plan)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The HF ``Trainer`` specialised for InternVL LoRA fine-tuning.
 
 Changes to the stock trainer:
-- length-grouped batches use the dataset's precomputed ``lengths`` (the stock sampler would decode every sample
-  to measure it);
+- length-grouped batches, in training and evaluation, use the dataset's precomputed ``lengths`` (the stock sampler
+  would decode every sample to measure it);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
 - the loss of a batch is divided by the summed loss weights of the whole optimizer step (all accumulation steps
@@ -11,6 +11,10 @@ Changes to the stock trainer:
   on how a step is split into batches, accumulation steps or processes, and the logged loss is the step's weighted
   mean per token;
 - evaluation asks the model for the loss only (``prediction_loss_only``), so no [batch, length, vocab] logits;
+- an evaluation set of which no sample can be built skips that evaluation with a warning instead of ending the run
+  (``internvl.data.dataset`` skips the samples that fail and counts them);
+- a checkpoint or final save that fails (a full disk) is one ``CheckpointWriteError`` naming the folder, the last
+  file written and the free space, and the incomplete checkpoint is removed;
 - logged values include tokens/s, samples/s and peak GPU memory;
 - training stops before its first step if a DeepSpeed ZeRO-3 leaf module would drop gradients
   (``check_zero3_leaf_modules``).
@@ -18,18 +22,31 @@ Changes to the stock trainer:
 
 from __future__ import annotations
 
+import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.constants import IGNORE_INDEX
+from internvl.data.dataset import NoEvaluationSampleError
 from internvl.data.packing import packed_token_mask
 from internvl.train.callbacks import ThroughputMeter
-from internvl.train.checkpoint import gather_trainable_state_dict, load_trained_weights, save_trained_weights
+from internvl.train.checkpoint import (
+    TRAINER_STATE_NAME,
+    CheckpointWriteError,
+    checkpoint_write_error,
+    gather_trainable_state_dict,
+    load_trained_weights,
+    save_trained_weights,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -79,6 +96,15 @@ def check_zero3_leaf_modules(model) -> None:
         )
 
 
+def _precomputed_lengths(dataset, which: str) -> list[int]:
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None or len(lengths) != len(dataset):
+        raise ValueError(
+            f"--group_by_length needs a {which} dataset with one precomputed length per sample (`lengths`)."
+        )
+    return [int(n) for n in lengths]
+
+
 class _Zero3LeafCheck(TrainerCallback):
     # At train begin DeepSpeed has set its leaf modules and no step has run.
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -103,13 +129,17 @@ class InternVLTrainer(Trainer):
         train_dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        lengths = getattr(train_dataset, "lengths", None)
-        if lengths is None or len(lengths) != len(train_dataset):
-            raise ValueError(
-                "--group_by_length needs a training dataset with one precomputed length per sample (`lengths`)."
-            )
         # One group is one optimizer step over all ranks, as in the official recipe.
-        return LengthGroupedSampler(self.effective_batch_size, lengths=[int(n) for n in lengths])
+        return LengthGroupedSampler(self.effective_batch_size, lengths=_precomputed_lengths(train_dataset, "training"))
+
+    def _get_eval_sampler(self, eval_dataset):
+        # The stock sampler would build every evaluation sample in the main process to measure it, at each
+        # evaluation (decoding video there, beside the loader workers, can also hang in FFmpeg's threads).
+        if eval_dataset is None or self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=_precomputed_lengths(eval_dataset, "evaluation"),
+                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The loss normalizer of one optimizer step: the summed weights of its targets (the trained next tokens),
@@ -142,9 +172,34 @@ class InternVLTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         state = gather_trainable_state_dict(self.model)
         if self.args.should_save:
-            save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            try:
+                save_trained_weights(self.model, state, output_dir, base_model_path=self.base_model_path)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+            except (OSError, SafetensorError) as error:
+                raise checkpoint_write_error(output_dir, error) from error
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:  # torch's writer on a full disk: "basic_ios::clear: iostream error"
+            failure = error if isinstance(error, CheckpointWriteError) else checkpoint_write_error(folder, error)
+            # Without its trainer state the folder is never resumed from; removing it gives the space back.
+            if self.args.should_save and folder.is_dir() and not (folder / TRAINER_STATE_NAME).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                failure.args = (f"{failure} (the incomplete {folder.name} was removed)",)
+            if failure is error:
+                raise
+            raise failure from error
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        try:
+            return super().evaluate(*args, **kwargs)
+        except NoEvaluationSampleError:
+            logger.warning("evaluation skipped at step %d: no evaluation sample can be built (each is named in a "
+                           "warning above); training goes on", self.state.global_step)
+            return {}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Resuming without DeepSpeed: the checkpoint holds the trained weights only (see save_model).

@@ -15,12 +15,21 @@ from PIL import Image
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN
 from internvl.data import InternVLDataCollator, build_datasets
-from internvl.data.dataset import DatasetHealthError, MetaEntry, load_meta, write_meta
+from internvl.data.dataset import (
+    META_FOLDER,
+    DatasetHealthError,
+    MetaEntry,
+    NoEvaluationSampleError,
+    has_eval_records,
+    load_meta,
+    write_meta,
+)
 from internvl.data.prepare import prepare_dataset
 from internvl.data.video import VideoDecodeError
 from tests.prepared import annotation_path
 
 SMALL_VIDEO = dict(min_num_frame=2, max_num_frame=4)
+FROM_META_FOLDER = {"paths_relative_to": "meta_folder"}
 
 
 def _context_count(tokenizer, sample) -> int:
@@ -28,11 +37,12 @@ def _context_count(tokenizer, sample) -> int:
 
 
 def _write_meta(folder, entries: dict[str, list[dict]], **settings) -> str:
-    """One JSONL per entry, all with root = folder."""
+    """One JSONL per entry, all with root = folder (paths relative to it)."""
     meta = {}
     for name, records in entries.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        meta[name] = MetaEntry(root=".", annotation=f"{name}.jsonl", length=len(records), **settings.get(name, {}))
+        options = {"paths_relative_to": META_FOLDER, **settings.get(name, {})}
+        meta[name] = MetaEntry(root=".", annotation=f"{name}.jsonl", length=len(records), **options)
     write_meta(folder / "meta.json", meta)
     return str(folder / "meta.json")
 
@@ -220,6 +230,46 @@ def test_mostly_bad_dataset_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
         train[0]
 
 
+def test_evaluation_skips_what_cannot_be_built_and_never_stops_with_a_health_error(tmp_path, tiny_tokenizer, caplog):
+    """A val set mostly or wholly unbuildable (here: records with a late system turn) must not end a training run
+    at its first evaluation: failing samples are skipped, remembered and counted; a set of which nothing builds
+    says so with its own error, which the trainer turns into a skipped evaluation."""
+    late_system = [*_turns("Hi?", "Hi."), {"from": "system", "value": "Be brief."}]
+    records = [{"conversations": late_system} for _ in range(11)]
+    records.append({"conversations": _turns("Yes?", "Yes.")})
+    meta = _write_meta(tmp_path, {"chat": records[-1:], "chat_val": records})
+    _, evaluation = build_datasets(meta, tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        samples = [evaluation[i] for i in range(len(evaluation))]  # 11 bad in a row: a training set would stop
+    assert all(tiny_tokenizer.decode(s["input_ids"]).endswith("Yes.<|im_end|>\n") for s in samples)
+    assert caplog.text.count("skipping bad evaluation sample") == 11  # each reported once, then remembered
+    assert evaluation.bad_samples == sum(range(1, 12))  # every skip counted: sample i skips the 11 - i bad after it
+
+    meta = _write_meta(tmp_path, {"chat": records[-1:], "chat_val": records[:1]})
+    _, evaluation = build_datasets(meta, tiny_tokenizer)
+    with pytest.raises(NoEvaluationSampleError, match="none of the 1 evaluation samples can be built"):
+        evaluation[0]
+
+
+def test_only_a_val_entry_with_records_means_evaluation(tmp_path):
+    assert has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}],
+                                                   "a_val": [{"conversations": _turns("Hi?")}]}))  # fmt: skip
+    # The empty entry older prepare versions wrote for --val-ratio 0, and one emptied by repeat_time.
+    assert not has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}], "a_val": []}))
+    assert not has_eval_records(_write_meta(tmp_path, {"a": [{"conversations": _turns("Hi?")}],
+                                                       "a_val": [{"conversations": _turns("Hi?")}]},
+                                            a_val={"repeat_time": 0.5}))  # fmt: skip
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "a.jsonl").write_text("")
+    entry = {"root": "clip.mp4", "annotation": "a.jsonl", "paths_relative_to": META_FOLDER}
+    (tmp_path / "meta.json").write_text(json.dumps({"a": entry}))
+    with pytest.raises(ValueError, match="dataset 'a': root 'clip.mp4' is a file, not a folder"):
+        load_meta(tmp_path / "meta.json")
+
+
 def test_text_image_and_multi_image_records(tmp_path, tiny_tokenizer):
     Image.new("RGB", (896, 448), (200, 10, 10)).save(tmp_path / "wide.png")
     Image.new("RGB", (448, 448), (10, 200, 10)).save(tmp_path / "square.jpg")
@@ -263,10 +313,57 @@ def test_repeat_time(tmp_path, tiny_tokenizer):
     assert questions == ["0", "0", "0", "1"]  # repeated in order; the half keeps the first records
 
 
-def test_relative_paths_resolve_from_the_meta_folder(prepared_demo, tiny_tokenizer, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # anywhere but the data folder
-    train, _ = build_datasets(prepared_demo / "meta.json", tiny_tokenizer, **SMALL_VIDEO)
-    assert train[0]["pixel_values"].shape[0] >= 2
+def _two_look_alike_folders(tmp_path):
+    """``data/`` (with ``meta.json``) and ``work/`` (the working directory) both hold a ``clips/`` folder and a
+    ``d.jsonl``, with different records: a relative path names an existing file from either folder."""
+    for folder in ("data", "work"):
+        (tmp_path / folder / "clips").mkdir(parents=True)
+        (tmp_path / folder / "d.jsonl").write_text(json.dumps({"id": folder, "conversations": _turns("Hi?")}) + "\n")
+    return tmp_path / "data" / "meta.json", tmp_path / "work"
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["official", "paths_relative_to-meta_folder"])
+def test_relative_paths_start_from_one_folder_only(tmp_path, monkeypatch, tiny_tokenizer, marked):
+    meta_path, work = _two_look_alike_folders(tmp_path)
+    monkeypatch.chdir(work)
+    entry = {"root": "clips", "annotation": "d.jsonl", "data_augment": False, "repeat_time": 1}
+    meta_path.write_text(json.dumps({"d": {**entry, **(FROM_META_FOLDER if marked else {})}}))
+    # Both folders hold the names: the entry alone decides which one is read, never a search.
+    base, other = (meta_path.parent, work) if marked else (work, meta_path.parent)
+    (spec,) = load_meta(meta_path)
+    assert (spec.root, spec.annotation) == (base / "clips", base / "d.jsonl")
+    train, _ = build_datasets(meta_path, tiny_tokenizer)
+    assert train.datasets[0].records[0].id == base.name
+
+    # Gone from that folder: an error naming it and the fix, even though the other folder still has it.
+    (base / "d.jsonl").unlink()
+    if marked:
+        expected = (
+            f"dataset 'd': annotation 'd.jsonl' not found in the meta file's folder {base}, where this entry's "
+            'relative paths start ("paths_relative_to": "meta_folder"); it is in the working directory: remove '
+            '"paths_relative_to" from the entry'
+        )
+    else:
+        expected = (
+            f"dataset 'd': annotation 'd.jsonl' not found in the working directory {base}, where relative paths "
+            "start (as in the official trainer); it is in the meta file's folder: add "
+            '"paths_relative_to": "meta_folder" to the entry, or prepare again with --portable'
+        )
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        load_meta(meta_path)
+    (other / "d.jsonl").unlink()
+    fix = "fix the path" if marked else "run from the folder they are relative to (the one prepare ran in)"
+    with pytest.raises(FileNotFoundError, match=re.escape("annotation 'd.jsonl' not found in the ")) as error:
+        load_meta(meta_path)
+    assert str(error.value).rsplit("; ", 1)[1].startswith(fix)
+
+
+def test_an_unknown_paths_relative_to_is_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    meta = {"d": {"root": ".", "annotation": "d.jsonl", "paths_relative_to": "home"}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="dataset 'd': \"paths_relative_to\" must be \"meta_folder\".*got 'home'"):
+        load_meta(tmp_path / "meta.json")
 
 
 def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
@@ -281,12 +378,12 @@ def test_meta_errors_name_the_problem(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="must be a .jsonl file"):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
     (tmp_path / "d.jsonl").write_text('{"id": 1, "conversations": []}\n{broken\n')
-    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.jsonl"}}))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": ".", "annotation": "d.jsonl", **FROM_META_FOLDER}}))
     with pytest.raises(ValueError, match="d.jsonl:2: not valid JSON"):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
     _write_meta(tmp_path, {"only_val": [{"conversations": _turns("Hi?")}]})
     (tmp_path / "meta.json").write_text(
-        json.dumps({"d_val": {"root": ".", "annotation": "only_val.jsonl", "repeat_time": 1}})
+        json.dumps({"d_val": {"root": ".", "annotation": "only_val.jsonl", "repeat_time": 1, **FROM_META_FOLDER}})
     )
     with pytest.raises(ValueError, match="no training samples"):
         build_datasets(tmp_path / "meta.json", tiny_tokenizer)
@@ -297,15 +394,20 @@ def test_write_meta_writes_what_load_meta_reads(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     (tmp_path / "val.jsonl").write_text("")
     entries = {
-        "clips_train": MetaEntry(root="clips", annotation="train.jsonl", length=12, max_dynamic_patch=1, repeat_time=2),
-        "clips_val": MetaEntry(root=str(tmp_path / "clips"), annotation="val.jsonl", length=3, data_augment=True),
-    }
+        "clips_train": MetaEntry(
+            root="clips", annotation="train.jsonl", length=12, max_dynamic_patch=1, repeat_time=2,
+            paths_relative_to=META_FOLDER,
+        ),
+        "clips_val": MetaEntry(
+            root=str(tmp_path / "clips"), annotation=str(tmp_path / "val.jsonl"), length=3, data_augment=True
+        ),
+    }  # fmt: skip
     write_meta(tmp_path / "meta.json", entries)
     written = json.loads((tmp_path / "meta.json").read_text())
-    # The official keys in the official order; an unset max_dynamic_patch is left to the training flag.
+    # The official keys in the official order, then ours; an unset max_dynamic_patch is left to the training flag.
     assert list(written["clips_train"]) == ["root", "annotation", "data_augment", "max_dynamic_patch", "repeat_time",
-                                            "length"]  # fmt: skip
-    assert "max_dynamic_patch" not in written["clips_val"]
+                                            "length", "paths_relative_to"]  # fmt: skip
+    assert "max_dynamic_patch" not in written["clips_val"] and "paths_relative_to" not in written["clips_val"]
     train, val = load_meta(tmp_path / "meta.json")
     assert (train.name, train.root, train.annotation) == ("clips_train", tmp_path / "clips", tmp_path / "train.jsonl")
     assert (train.max_dynamic_patch, train.repeat_time, train.data_augment, train.is_eval) == (1, 2, False, False)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from internvl.data.dataset import load_meta
 from internvl.data.prepare import PrepareError, prepare_dataset
 from tests.media import write_noise_video
 from tests.prepared import TRAIN, VAL, annotation_path
@@ -149,10 +150,11 @@ def test_cli_writes_official_meta_and_records(cli_run, messy_input):
     records = {}
     for name, entry in meta.items():
         assert set(entry) == OFFICIAL_META_KEYS
-        assert entry["annotation"] == f"{_version_dir(output_dir).name}/{name}.jsonl"
+        # Absolute --input and --output-dir: absolute paths (see test_meta_json_opens_the_official_way).
+        assert entry["annotation"] == str(_version_dir(output_dir) / f"{name}.jsonl")
         assert (entry["data_augment"], entry["max_dynamic_patch"], entry["repeat_time"]) == (False, 1, 1)
-        assert (output_dir / entry["root"]).resolve() == messy_input.resolve()
-        records[name] = _read_jsonl(output_dir / entry["annotation"])
+        assert entry["root"] == str(messy_input)
+        records[name] = _read_jsonl(Path(entry["annotation"]))
         assert entry["length"] == len(records[name])
     train, val = records["video_summary_dataset_train"], records["video_summary_dataset_val"]
     assert len(train) + len(val) == 6 and len(val) >= 1
@@ -225,6 +227,115 @@ def test_rerun_is_byte_identical(messy_input, tmp_path):
     )
 
 
+# -- meta.json as the official trainer opens it ----------------------------------------------------------------------
+
+
+def _open_the_official_way(meta_path: Path | str) -> list[str]:
+    """Every annotation and video ``meta_path`` names, opened as the official trainer opens them (relative paths
+    start from the working directory): ``open(entry["annotation"])``, ``os.path.join(entry["root"],
+    record["video"])``. Returns the video paths; fails on one that does not open."""
+    with open(meta_path) as f:
+        meta = json.loads(f.read())
+    videos = []
+    for entry in meta.values():
+        with open(entry["annotation"]) as f:
+            records = [json.loads(line) for line in f.readlines()]
+        assert len(records) == entry["length"] and entry["repeat_time"] == 1 and entry["data_augment"] is False
+        for record in records:
+            video = os.path.join(entry["root"], record["video"])
+            if video.endswith("/"):  # a frame folder, listed for its "<name>_<index>.jpg" files
+                assert [name for name in os.listdir(video) if re.search(r"_(\d+)\.jpg$", name)], video
+            else:
+                with open(video, "rb") as f:
+                    assert f.read(12)[4:8] == b"ftyp", video  # the MP4 itself
+            videos.append(video)
+    return videos
+
+
+@pytest.fixture
+def workspace(demo_videos_dir, tmp_path, monkeypatch):
+    """A working directory holding ``videos/`` (3 clips and their annotations.csv), where prepare runs."""
+    rows = list(csv.reader(open(demo_videos_dir / "annotations.csv")))[1:4]
+    (tmp_path / "videos").mkdir()
+    for video, _ in rows:
+        shutil.copy(demo_videos_dir / video, tmp_path / "videos" / video)
+    _write_csv(tmp_path / "videos" / "annotations.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("extract", [False, True], ids=["videos", "extracted-frames"])
+@pytest.mark.parametrize("output_dir", ["internvl3_data", "absolute"], ids=["relative-output", "absolute-output"])
+@pytest.mark.parametrize("video_root", ["videos", "absolute"], ids=["relative-root", "absolute-root"])
+def test_meta_json_opens_the_official_way(workspace, monkeypatch, video_root, output_dir, extract):
+    video_root = str(workspace / "videos") if video_root == "absolute" else video_root
+    output_dir = str(workspace / "data") if output_dir == "absolute" else output_dir
+    argv = ["--input", "videos/annotations.csv", "--video-root", video_root, "--output-dir", output_dir]
+    assert prepare_cli.main([*argv, "--val-ratio", "0.34", "--no-progress", *(["--extract-frames"] * extract)]) == 0
+    meta_path = Path(output_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert list(meta) == [TRAIN, VAL]
+    # An absolute option stays absolute, a relative one relative to the working directory: the official convention.
+    for entry in meta.values():
+        assert entry["root"] == (f"{output_dir}/{_version_dir(Path(output_dir)).name}" if extract else video_root)
+        assert entry["annotation"].startswith(f"{output_dir}/prepared-")
+
+    # From the folder prepare ran in, the official reader finds every annotation and video, and ours the same ones.
+    videos = _open_the_official_way(meta_path)
+    assert len(videos) == 3
+    specs = load_meta(meta_path)
+    assert [(spec.root, spec.annotation) for spec in specs] == [
+        (Path(os.path.abspath(entry["root"])), Path(os.path.abspath(entry["annotation"]))) for entry in meta.values()
+    ]
+
+    # From elsewhere, relative paths name nothing, for the official reader and ours alike; absolute ones still work.
+    (workspace / "elsewhere").mkdir()
+    monkeypatch.chdir(workspace / "elsewhere")
+    meta_path = workspace / meta_path
+    if all(os.path.isabs(entry[key]) for entry in meta.values() for key in ("root", "annotation")):
+        assert len(_open_the_official_way(meta_path)) == 3 and load_meta(meta_path) == specs
+    else:
+        with pytest.raises(FileNotFoundError):
+            _open_the_official_way(meta_path)
+        with pytest.raises(FileNotFoundError, match=f"not found in the working directory {workspace / 'elsewhere'}"):
+            load_meta(meta_path)
+
+
+@pytest.mark.parametrize("extract", [False, True], ids=["videos", "extracted-frames"])
+def test_portable_meta_json_moves_with_its_folder(workspace, monkeypatch, capsys, extract):
+    argv = ["--input", "videos/annotations.csv", "--output-dir", "data/prepared", "--portable", "--no-progress"]
+    assert prepare_cli.main([*argv, "--val-ratio", "0.34", *(["--extract-frames"] * extract)]) == 0
+    assert "paths in meta.json are relative to its folder (--portable)" in capsys.readouterr().out
+    meta = json.loads(Path("data/prepared/meta.json").read_text())
+    for entry in meta.values():
+        assert entry["paths_relative_to"] == "meta_folder" and entry["annotation"].startswith("prepared-")
+        assert entry["root"] == (_version_dir(workspace / "data" / "prepared").name if extract else "../../videos")
+
+    # The videos and the data move together; ours reads them from any working directory.
+    shutil.move(workspace / "videos", workspace / "moved" / "videos")
+    shutil.move(workspace / "data", workspace / "moved" / "data")
+    moved_meta = workspace / "moved" / "data" / "prepared" / "meta.json"
+    specs = load_meta(moved_meta)
+    assert {spec.annotation.parent for spec in specs} == {_version_dir(moved_meta.parent)}
+    assert all(spec.root.is_relative_to(workspace / "moved") for spec in specs)
+    # The official trainer, which ignores the marker, reads it when started in that folder.
+    monkeypatch.chdir(moved_meta.parent)
+    assert len(_open_the_official_way("meta.json")) == 3
+
+
+def test_prepare_says_where_relative_paths_start(workspace, capsys):
+    assert prepare_cli.main(["--input", "videos/annotations.csv", "--val-ratio", "0", "--no-progress"]) == 0
+    assert (
+        f"paths in meta.json are relative to the working directory {workspace}, as the official trainer reads them: "
+        "start the training there (or prepare with --portable for a folder that can move)"
+    ) in capsys.readouterr().out
+    argv = ["--input", str(workspace / "videos"), "--output-dir", str(workspace / "data"), "--val-ratio", "0"]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 0
+    assert "paths in meta.json are relative" not in capsys.readouterr().out  # every path is absolute
+    assert prepare_cli.main(["--input", "videos", "--absolute-root", "--portable", "--no-progress"]) == 1
+    assert "error: --absolute-root and --portable exclude each other" in capsys.readouterr().err
+
+
 # -- Publishing: the outputs change as a set -------------------------------------------------------------------------
 
 # File-system calls that change what is on disk: a kill can come between any two of them.
@@ -289,7 +400,8 @@ def _published(output_dir: Path) -> dict[str, bytes] | None:
 def test_a_kill_at_any_step_leaves_a_complete_set(demo_videos_dir, tmp_path, previous_run, extract):
     rows = list(csv.reader(open(demo_videos_dir / "annotations.csv")))[1:4]  # 3 videos keep the steps few
     annotations = _write_csv(tmp_path / "annotations.csv", rows)
-    options = dict(video_root=demo_videos_dir, extract=extract, num_frames=2, progress=False)
+    # Portable: the kill snapshots are copies of the output folder, read through their own meta.json.
+    options = dict(video_root=demo_videos_dir, extract=extract, num_frames=2, portable=True, progress=False)
     output_dir, previous_dir = tmp_path / "out", tmp_path / "previous"
 
     def new():  # another split and another prompt: every file of the set changes
@@ -425,7 +537,7 @@ def test_an_unwritable_output_folder_is_refused_before_decoding(demo_videos_dir,
 
 def test_an_empty_split_gets_no_meta_entry(demo_videos_dir, tmp_path, capsys):
     from internvl.data import build_datasets
-    from internvl.train.launch import meta_has_val_split
+    from internvl.data.dataset import has_eval_records
 
     argv = ["--input", str(demo_videos_dir / "annotations.csv"), "--no-progress", "--val-ratio", "0"]
     assert prepare_cli.main([*argv, "--output-dir", str(tmp_path / "no_val")]) == 0
@@ -435,7 +547,7 @@ def test_an_empty_split_gets_no_meta_entry(demo_videos_dir, tmp_path, capsys):
     assert list(meta) == ["video_summary_dataset_train"] and meta["video_summary_dataset_train"]["length"] == 6
     assert not (_version_dir(tmp_path / "no_val") / "video_summary_dataset_val.jsonl").exists()
     # So the launcher does not switch evaluation on, and training builds no evaluation set.
-    assert not meta_has_val_split(tmp_path / "no_val" / "meta.json")
+    assert not has_eval_records(tmp_path / "no_val" / "meta.json")
 
     one_video = _write_csv(tmp_path / "one.csv", [("demo_000.mp4", "A shape moves."), ("demo_000.mp4", "It moves.")])
     report = prepare_dataset(one_video, tmp_path / "one", video_root=demo_videos_dir, val_ratio=0.5, progress=False)
@@ -496,7 +608,8 @@ def test_no_arguments_reads_the_default_folder(demo_videos_dir, tmp_path, monkey
     shutil.copytree(demo_videos_dir, tmp_path / "internvl3_data" / "raw")
     assert prepare_cli.main(["--no-progress"]) == 0
     meta = json.loads((tmp_path / "internvl3_data" / "meta.json").read_text())
-    assert meta["video_summary_dataset_train"]["root"] == "raw"
+    entry = meta["video_summary_dataset_train"]
+    assert entry["root"] == "internvl3_data/raw" and entry["annotation"].startswith("internvl3_data/prepared-")
     assert "kept 6 records" in capsys.readouterr().out
 
 
@@ -765,7 +878,7 @@ def test_extracted_frames_are_an_official_frame_folder(demo_videos_dir, tmp_path
     prepare_dataset(demo_videos_dir / "annotations.csv", output_dir, extract=True, num_frames=4, progress=False)
     meta = json.loads((output_dir / "meta.json").read_text())
     # The frames are part of the version: the root is its folder.
-    assert meta["video_summary_dataset_train"]["root"] == _version_dir(output_dir).name
+    assert meta["video_summary_dataset_train"]["root"] == str(_version_dir(output_dir))
     record = _read_jsonl(annotation_path(output_dir))[0]
     assert record["video"] == f"frames/{Path(record['source_video']).stem}_mp4/"
     assert record["extracted_frames"] == 4 and record["decoded_frames"] == 24

@@ -76,3 +76,37 @@ def test_missing_base_model_asks_for_base_model_flag(tiny_lora_output, tmp_path)
     (moved / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="--base-model"):
         resolve_model_source(moved)
+
+
+def damaged_copy(output, tmp_path, damage):
+    copy = tmp_path / "output"
+    shutil.copytree(output, copy)
+    damage(copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10"), "adapter_model.safetensors is damaged"),
+    (lambda d: (d / "adapter_config.json").write_text('{"r": 8,'), "adapter_config.json cannot be read"),
+])  # fmt: skip
+def test_missing_or_damaged_adapter_files_are_named_before_loading(tiny_lora_output, tmp_path, damage, message):
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        resolve_model_source(damaged_copy(tiny_lora_output, tmp_path, damage))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 256, "trained on a model with LLM hidden size 128, but the base model .* has 256"),
+    ("num_hidden_layers", 3, "trained on a model with 2 LLM layers, but the base model .* has 3"),
+])  # fmt: skip
+def test_an_adapter_on_another_base_is_one_line(tiny_lora_output, tiny_model_dir, tmp_path, field, value, message):
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other_base)
+    config = json.loads((other_base / "config.json").read_text())
+    assert config["llm_config"][field] != value
+    config["llm_config"][field] = value
+    if field == "num_hidden_layers" and "layer_types" in config["llm_config"]:
+        config["llm_config"]["layer_types"] = config["llm_config"]["layer_types"][:1] * value
+    (other_base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{message}; pass the base model it was trained on with --base-model"):
+        resolve_model_source(tiny_lora_output, base_model=other_base)

@@ -3,7 +3,9 @@
 - the users' guide command, flag for flag (paths swapped, numbers made small), on 2 processes;
 - two single-process "nodes" on localhost (the multi-node path, through the launcher), with every parameter
   partitioned by ZeRO-3;
-- a run killed with SIGKILL that resumes and ends after the same number of optimizer steps.
+- a run killed with SIGKILL that resumes and ends after the same number of optimizer steps;
+- faults: a run failing in training (one line per process, none of torchrun), an evaluation set that cannot be
+  built (skipped, the run goes on), resuming with another LoRA rank or from a damaged checkpoint (one line each).
 
 The saved LoRA weights are compared with the fp32 weights DeepSpeed's optimizer holds at the end of training
 (reconstructed from its checkpoint), so an all-zero or stale adapter (official issue #905) fails.
@@ -16,6 +18,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.prepared import VAL, annotation_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,6 +108,17 @@ def process_tree(pid: int) -> list[int]:
             tree += [int(child) for child in children.read_text().split()]
         index += 1
     return tree
+
+
+def launcher_run(model_dir: Path, meta: Path, output_dir: Path, *, epochs: int, save_steps: int):
+    """``(command, env)`` of the launcher on two processes, one sample each per step (2 videos a step)."""
+    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
+           "BATCH_SIZE": "2", "MODEL_PATH": str(model_dir), "META_PATH": str(meta), "OUTPUT_DIR": str(output_dir),
+           "EPOCHS": str(epochs), "LR": "2e-3"}  # fmt: skip
+    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
+               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", str(save_steps),
+               *SMALL_RUN]  # fmt: skip
+    return command, env
 
 
 def check_run(result: subprocess.CompletedProcess) -> None:
@@ -268,11 +284,7 @@ def test_module_run_without_deepspeed_resumes_with_the_trained_adapter(tiny_mode
 
 def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir, demo_meta, tmp_path):
     output_dir = tmp_path / "run"
-    env = {**run_env(), "GPUS": "2", "MASTER_PORT": str(free_port()), "PER_DEVICE_BATCH_SIZE": "1",
-           "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_model_dir), "META_PATH": str(demo_meta),
-           "OUTPUT_DIR": str(output_dir), "EPOCHS": "2", "LR": "2e-3"}
-    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers",
-               "1", "--max_seq_length", "1024", "--logging_steps", "1", "--save_steps", "2", *SMALL_RUN]  # fmt: skip
+    command, env = launcher_run(tiny_model_dir, demo_meta, output_dir, epochs=2, save_steps=2)
 
     # Wait for the first complete checkpoint, then SIGKILL every process of the run at once.
     first_log = tmp_path / "first.log"
@@ -304,3 +316,100 @@ def test_killed_run_resumes_and_finishes_the_same_number_of_steps(tiny_model_dir
     assert sorted(train_losses(output_dir)) == list(range(1, planned_steps + 1))
     saved = load_file(output_dir / "adapter_model.safetensors")
     assert all(value.abs().max() > 0 for name, value in saved.items() if ".lora_B." in name)
+
+
+def test_launcher_trains_from_an_hf_checkpoint_whose_adapter_merges_onto_the_original(
+    tiny_hf_model_dir, tiny_model_dir, demo_meta, tmp_path
+):
+    """MODEL_PATH in transformers' -hf layout: the 4-bit ZeRO-3 run trains, and its adapter applies to the official
+    layout as to the -hf base it was trained on."""
+    from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+    from internvl.model import load_internvl_model
+    from internvl.model.adapters import load_model_for_inference
+    from internvl.tools.merge import merge_lora
+
+    output_dir = tmp_path / "run"
+    command, env = launcher_run(tiny_hf_model_dir, demo_meta, output_dir, epochs=1, save_steps=3)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(result)
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 3
+    assert all(math.isfinite(loss) for loss in train_losses(output_dir).values())
+    check_adapter_matches_optimizer_weights(output_dir, output_dir / "checkpoint-3")
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_hf_model_dir)
+
+    merge_lora(output_dir, tmp_path / "merged", base_model=tiny_model_dir, torch_dtype=torch.float32)
+    trained, tokenizer, _ = load_model_for_inference(output_dir, torch_dtype=torch.float32, device="cpu")
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32).eval()
+    text = f"Frame-1: {IMG_START_TOKEN}{IMG_CONTEXT_TOKEN * 256}{IMG_END_TOKEN}\nDescribe the video in detail."
+    inputs = {"input_ids": tokenizer(text, return_tensors="pt")["input_ids"], "pixel_values": torch.randn(1, 3, 448, 448)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, trained.float()(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def copy_demo_data(demo_videos_dir: Path, folder: Path) -> Path:
+    """The demo videos prepared into ``folder`` (their own copy, to damage), val ratio 0.2: 5 training, 1 val."""
+    from internvl.data.prepare import prepare_dataset
+
+    shutil.copytree(demo_videos_dir, folder / "raw")
+    prepare_dataset(folder / "raw" / "annotations.csv", folder / "data", val_ratio=0.2, progress=False)
+    return folder / "data" / "meta.json"
+
+
+def test_a_run_that_fails_in_training_ends_in_one_line_per_process(tiny_model_dir, demo_videos_dir, tmp_path):
+    """Every training video damaged after prepare: each process says why in one line, the launcher which process
+    stopped; no traceback of the processes or of torchrun. MASTER_PORT is left unset: the launcher picks a free
+    port when the default one is taken."""
+    meta = copy_demo_data(demo_videos_dir, tmp_path)
+    for record in annotation_path(tmp_path / "data").read_text().splitlines():
+        (tmp_path / "raw" / json.loads(record)["video"]).write_bytes(bytes(5000))
+    env = {**run_env(), "GPUS": "2", "PER_DEVICE_BATCH_SIZE": "1", "BATCH_SIZE": "2", "MODEL_PATH": str(tiny_model_dir),
+           "META_PATH": str(meta), "OUTPUT_DIR": str(tmp_path / "run"), "EPOCHS": "1"}  # fmt: skip
+    env.pop("MASTER_PORT", None)
+    command = ["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh"), "--dataloader_num_workers", "1",
+               "--max_seq_length", "1024", *SMALL_RUN]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-6000:]
+    assert "Traceback" not in output, output[-6000:]
+    errors = [line for line in output.splitlines() if line.startswith("error")]
+    assert errors[-1].startswith("error: training stopped: process "), errors
+    assert any("samples could not be built" in line for line in errors[:-1]), errors
+    assert all(line.count("\n") == 0 for line in errors)
+
+
+def test_resume_refusals_and_a_val_set_that_cannot_be_built(tiny_model_dir, demo_videos_dir, tmp_path):
+    """A one-record val set whose video is gone: every evaluation is skipped with a warning and the run ends
+    normally. Resuming it with another LoRA rank is refused by the launcher before torchrun starts; a damaged
+    checkpoint is named with what to do. Each refusal is one line."""
+    meta = copy_demo_data(demo_videos_dir, tmp_path)
+    [val_record] = annotation_path(tmp_path / "data", VAL).read_text().splitlines()
+    (tmp_path / "raw" / json.loads(val_record)["video"]).unlink()
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "internvl.train.internvl_chat_finetune", "--model_name_or_path",
+               str(tiny_model_dir), "--meta_path", str(meta), "--output_dir", str(output_dir), "--freeze_llm", "True",
+               "--freeze_mlp", "True", "--freeze_backbone", "True", "--use_llm_lora", "8", "--do_train", "True",
+               "--do_eval", "True", "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size",
+               "1", "--max_steps", "2", "--save_steps", "2", "--max_seq_length", "1024", "--report_to", "none",
+               *SMALL_RUN]  # fmt: skip
+    first = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    check_run(first)
+    assert "evaluation skipped at step 1" in first.stderr and "evaluation skipped at step 2" in first.stderr
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_bad_samples"] >= 1
+    assert (output_dir / "checkpoint-2" / "run_args.json").is_file()
+
+    env = {**run_env(), "GPUS": "1", "PER_DEVICE_BATCH_SIZE": "1", "BATCH_SIZE": "1", "MODEL_PATH": str(tiny_model_dir),
+           "META_PATH": str(meta), "OUTPUT_DIR": str(output_dir), "LORA_RANK": "16"}  # fmt: skip
+    launcher = subprocess.run(["bash", str(REPO / "scripts" / "finetune_internvl3_8b_4bit_lora.sh")], env=env,
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    assert launcher.returncode == 1 and "Traceback" not in launcher.stderr
+    assert launcher.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot resume from {output_dir / 'checkpoint-2'}: LLM LoRA rank (--use_llm_lora, LORA_RANK) 8 -> 16")
+    assert "Trainable parameters" not in launcher.stdout  # stopped before torchrun
+
+    optimizer = output_dir / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    resumed = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+    assert resumed.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoint {output_dir / 'checkpoint-2'} is damaged (optimizer.pt: BadZipFile")

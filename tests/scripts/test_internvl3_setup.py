@@ -15,7 +15,7 @@ import pytest
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.tools.checks import Status
-from tests.prepared import annotation_path
+from tests.prepared import VAL, annotation_path
 from tests.tools.checks.test_settings import LAUNCHER_VARIABLES, REPO, launcher_env
 
 SCRIPT = REPO / "scripts" / "test_internvl3_setup.py"
@@ -150,3 +150,47 @@ def test_cli_defaults_to_the_quick_starts_process_count(monkeypatch, capsys, goo
                         SLURM_GPUS_ON_NODE=slurm_gpus)  # fmt: skip
     batch_line = next(line for line in output.splitlines() if line.startswith("✅ batch size:"))
     assert f"32 = {processes} process(es) × 4 per device × {8 // processes} accumulation steps" in batch_line
+
+
+def test_meta_root_that_is_a_file(monkeypatch, capsys, setup_copy):
+    meta_path = setup_copy / "data" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    video = json.loads(annotation_path(setup_copy / "data").read_text().splitlines()[0])["video"]
+    meta["video_summary_dataset_train"]["root"] = f"../raw/{video}"
+    meta_path.write_text(json.dumps(meta))
+    code, output = run_cli(monkeypatch, capsys, setup_copy)
+    assert_one_failure(code, output, "meta.json", f"root '../raw/{video}' is a file, not a folder")
+
+
+def test_video_replaced_since_prepare(monkeypatch, capsys, setup_copy):
+    """A file that is still there but no longer a video: found by decoding its first frame."""
+    video = json.loads(annotation_path(setup_copy / "data").read_text().splitlines()[0])["video"]
+    (setup_copy / "raw" / video).write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(4000))
+    code, output = run_cli(monkeypatch, capsys, setup_copy)
+    assert_one_failure(code, output, "data video_summary_dataset_train", video, "does not decode")
+
+
+def test_evaluation_sample_that_cannot_be_built(monkeypatch, capsys, setup_copy):
+    """A summary far longer than max_seq_length in the val split: training would skip it at every evaluation."""
+    val_file = annotation_path(setup_copy / "data", VAL)
+    record = json.loads(val_file.read_text().splitlines()[0])
+    record["conversations"][1]["value"] = "word " * 20000
+    val_file.write_text(json.dumps(record) + "\n")
+    code, output = run_cli(monkeypatch, capsys, setup_copy)
+    assert_one_failure(code, output, "batch", "evaluation sample", "video_summary_dataset_val.jsonl:1",
+                       "max_seq_length")
+
+
+def test_empty_validation_split_trains_without_evaluation(monkeypatch, capsys, setup_copy):
+    """The empty '_val' entry older prepare versions wrote for --val-ratio 0: the launcher adds no --do_eval, and
+    the check agrees that the run is ready, without evaluation."""
+    annotation_path(setup_copy / "data", VAL).write_text("")
+    code, output = run_cli(monkeypatch, capsys, setup_copy)
+    assert code == 0, output
+    assert "; no evaluation" in next(line for line in output.splitlines() if line.startswith("✅ meta.json:"))
+    assert "evaluation sample" not in output
+
+
+def test_output_folder_that_is_the_base_model(monkeypatch, capsys, setup_copy):
+    code, output = run_cli(monkeypatch, capsys, setup_copy, OUTPUT_DIR=str(setup_copy / "model"))
+    assert_one_failure(code, output, "output folder", "is the base model folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import shutil
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from internvl.data.prepare import prepare_dataset
 from internvl.data.records import RecordError
@@ -141,18 +143,87 @@ def test_unreadable_video_is_reported_and_retried(prepared_data, tiny_lora_outpu
     assert len(lines) == 4 and "error" in lines[1] and lines[-1]["id"] == records[1]["id"]
 
 
-def test_resuming_with_other_settings_is_refused(prepared_data, tiny_lora_output, tmp_path):
+def test_other_generation_settings_start_over(prepared_data, tiny_lora_output, tmp_path, caplog):
     run_evaluation(_config(tiny_lora_output, tmp_path, meta_path=prepared_data / "meta.json", max_new_tokens=2))
-    with pytest.raises(ValueError, match="num_frames changed"):
+    first = _predictions(tmp_path / "predictions.jsonl")
+    with caplog.at_level(logging.INFO, logger="internvl.tools.evaluate"):
         run_evaluation(
             _config(tiny_lora_output, tmp_path, meta_path=prepared_data / "meta.json", max_new_tokens=2, num_frames=3)
         )
+    assert "they were generated with other num_frames; starting over" in caplog.text
+    assert "reusing 3" not in caplog.text and "generating 3 of 3 records" in caplog.text
+    assert _predictions(tmp_path / "predictions.previous.jsonl") == first  # kept, not lost
+    assert len(_predictions(tmp_path / "predictions.jsonl")) == 3
+
+
+def test_a_retrained_adapter_in_the_same_folder_is_evaluated_again(prepared_data, tiny_lora_output, tmp_path,
+                                                                   caplog):
+    """Retraining (or resuming) into the same output folder changes the adapter under the same path: the old
+    predictions must not be reported as the new adapter's scores."""
+    adapter_dir = tmp_path / "run"
+    shutil.copytree(tiny_lora_output, adapter_dir)
+    config = _config(adapter_dir, tmp_path / "eval", meta_path=prepared_data / "meta.json", max_new_tokens=2)
+    run_evaluation(config)
+    with caplog.at_level(logging.INFO, logger="internvl.tools.evaluate"):
+        run_evaluation(config)  # same weights: reused, and said
+    assert f"reusing 3 predictions from {tmp_path / 'eval' / 'predictions.jsonl'}" in caplog.text
+    caplog.clear()
+
+    adapter_file = adapter_dir / "adapter_model.safetensors"
+    weights = load_file(adapter_file)
+    save_file({name: tensor * 3 if ".lora_B." in name else tensor for name, tensor in weights.items()}, adapter_file)
+    with caplog.at_level(logging.INFO, logger="internvl.tools.evaluate"):
+        run_evaluation(config)
+    assert "they were generated with other weights; starting over" in caplog.text
+    assert "reusing 3" not in caplog.text
+    assert (tmp_path / "eval" / "predictions.previous.jsonl").is_file()
+
+
+def test_predictions_without_their_settings_are_not_reused(prepared_data, tiny_lora_output, tmp_path, caplog):
+    config = _config(tiny_lora_output, tmp_path, meta_path=prepared_data / "meta.json", max_new_tokens=2)
+    run_evaluation(config)
+    (tmp_path / "run_settings.json").unlink()  # e.g. written by an older version
+    with caplog.at_level(logging.INFO, logger="internvl.tools.evaluate"):
+        run_evaluation(config)
+    assert "no run_settings.json records what produced them; starting over" in caplog.text
+
+
+def test_evaluate_script_exits_non_zero_when_records_failed(prepared_data, tiny_lora_output, demo_videos_dir,
+                                                           tmp_path, monkeypatch, capsys):
+    records = _val_records(prepared_data)
+    records[0]["video"] = "missing.mp4"
+    jsonl = tmp_path / "val.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate_internvl3.py", "--model", str(tiny_lora_output), "--jsonl", str(jsonl), "--root",
+        str(demo_videos_dir), "--output-dir", str(tmp_path / "eval"), "--num-frames", "2", "--max-new-tokens", "2",
+        "--dtype", "float32", "--device", "cpu",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate_internvl3.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    printed = capsys.readouterr().out
+    assert "model: 2/3 scored" in printed and "1 records failed" in printed and "report:" in printed
+
+
+def test_output_dir_that_is_a_file_is_one_line(tiny_lora_output, prepared_data, tmp_path, monkeypatch):
+    a_file = tmp_path / "eval.txt"
+    a_file.write_text("")
+    for output_dir, reason in ((a_file, "is a file"), (a_file / "eval", f"cannot be created: {a_file} is a file")):
+        monkeypatch.setattr(sys, "argv", ["evaluate_internvl3.py", "--model", str(tiny_lora_output), "--meta-path",
+                                          str(prepared_data / "meta.json"), "--output-dir", str(output_dir)])  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO_ROOT / "scripts" / "evaluate_internvl3.py"), run_name="__main__")
+        assert exit_info.value.code == f"error: --output-dir {output_dir} {reason}; give a writable folder"
 
 
 def test_predictions_of_another_set_are_refused(prepared_data, tiny_lora_output, tmp_path):
-    (tmp_path / "predictions.jsonl").write_text(json.dumps({"id": "other", "prediction": "x"}) + "\n")
+    config = _config(tiny_lora_output, tmp_path, meta_path=prepared_data / "meta.json", max_new_tokens=2)
+    run_evaluation(config)
+    with open(tmp_path / "predictions.jsonl", "a") as f:  # same model and settings, another set's record
+        f.write(json.dumps({"id": "other", "prediction": "x"}) + "\n")
     with pytest.raises(ValueError, match="not in this evaluation set"):
-        run_evaluation(_config(tiny_lora_output, tmp_path, meta_path=prepared_data / "meta.json"))
+        run_evaluation(config)
 
 
 def test_records_are_checked_with_their_source_line(tmp_path):
@@ -197,3 +268,15 @@ def test_meta_without_val_entry_is_a_clear_error(prepared_data, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(train_only))
     with pytest.raises(ValueError, match="no evaluation entry"):
         load_eval_records(meta_path=tmp_path / "meta.json")
+
+
+def test_an_hf_base_evaluates_as_the_original_one(prepared_data, tiny_lora_output, tiny_hf_model_dir, tmp_path):
+    """The adapter on the -hf base (``--base-model``) predicts what it predicts on the official base, whose tensors
+    the -hf folder holds under other names."""
+    meta = prepared_data / "meta.json"
+    run_evaluation(_config(tiny_lora_output, tmp_path / "original", meta_path=meta))
+    metrics = run_evaluation(_config(tiny_lora_output, tmp_path / "hf", meta_path=meta, base_model=tiny_hf_model_dir))
+    assert metrics["models"]["model"]["base_model"] == str(tiny_hf_model_dir)
+    predictions = _predictions(tmp_path / "hf" / "predictions.jsonl")
+    assert len(predictions) == 3
+    assert predictions == _predictions(tmp_path / "original" / "predictions.jsonl")

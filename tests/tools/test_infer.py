@@ -150,3 +150,17 @@ def test_infer_script_prints_the_summary(lora_model, tiny_lora_output, demo_vide
     output = capsys.readouterr()
     assert output.out.strip() == expected
     assert "LoRA adapter" in output.err
+
+
+@pytest.mark.parametrize("flag, name, message", [
+    ("--image", "demo_000.mp4", "--image {path} is not an image file"),
+    ("--video", "photo.png", "--video {path} is an image file; use --image"),
+])  # fmt: skip
+def test_the_media_flag_is_honoured(demo_videos_dir, tmp_path, monkeypatch, flag, name, message):
+    path = demo_videos_dir / name if name.endswith(".mp4") else tmp_path / name
+    if name.endswith(".png"):
+        Image.new("RGB", (32, 32)).save(path)
+    monkeypatch.setattr(sys, "argv", ["infer_internvl3.py", "--model", str(tmp_path / "no-model"), flag, str(path)])
+    with pytest.raises(SystemExit) as exit_info:  # before the model is looked at
+        runpy.run_path(str(REPO_ROOT / "scripts" / "infer_internvl3.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith("error: " + message.format(path=path))

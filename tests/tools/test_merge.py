@@ -1,8 +1,10 @@
-"""Merging a LoRA training output gives the official layout and the same outputs as base + adapter."""
+"""Merging a LoRA training output gives the official layout (or, asked, the -hf one) and the same outputs as
+base + adapter, from a base in either layout."""
 
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
 import sys
@@ -11,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import InternVLForConditionalGeneration
 
 from internvl.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.model import load_internvl_model, load_tokenizer
 from internvl.model.adapters import load_model_for_inference, resolve_model_source
+from internvl.model.hf_layout import HF_LAYOUT, LAYOUTS, ORIGINAL_LAYOUT, checkpoint_layout
 from internvl.tools.merge import MERGE_INFO_NAME, merge_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -166,3 +170,87 @@ def test_remote_code_of_the_base_travels_with_the_merged_model(tiny_lora_output,
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged_config["auto_map"] == config["auto_map"]
     assert (tmp_path / "merged" / "modeling_internvl_chat.py").read_text() == "# the checkpoint's remote code\n"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_adapter_trained_on_the_original_layout_merges_onto_the_hf_base(
+    tiny_lora_output, tiny_hf_model_dir, model_inputs, tmp_path, layout
+):
+    reference, _, _ = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
+    expected = _logits(reference, model_inputs)
+    info = merge_lora(
+        tiny_lora_output, tmp_path / "merged", base_model=tiny_hf_model_dir, torch_dtype=torch.float32, layout=layout
+    )
+    assert info["layout"] == layout and checkpoint_layout(tmp_path / "merged") == layout
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32)
+    assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
+
+
+def test_an_adapter_trained_on_the_hf_layout_merges_onto_the_original_base(
+    tiny_hf_lora_output, tiny_lora_output, tiny_hf_model_dir, tiny_model_dir, model_inputs, tmp_path
+):
+    # The adapter is keyed relative to the LLM, whose names both layouts share.
+    assert _tensors(tiny_hf_lora_output).keys() == _tensors(tiny_lora_output).keys()
+    reference, _, source = load_model_for_inference(tiny_hf_lora_output, torch_dtype=torch.float32, device="cpu")
+    assert source.base_model == tiny_hf_model_dir
+    expected = _logits(reference, model_inputs)
+
+    merge_lora(tiny_hf_lora_output, tmp_path / "merged", base_model=tiny_model_dir, torch_dtype=torch.float32)
+    assert checkpoint_layout(tmp_path / "merged") == ORIGINAL_LAYOUT
+    assert _tensors(tmp_path / "merged").keys() == _tensors(tiny_model_dir).keys()
+    merged = load_internvl_model(tmp_path / "merged", load_in_4bit=False, torch_dtype=torch.float32)
+    assert torch.allclose(_logits(merged, model_inputs), expected, rtol=0, atol=FLOAT32_ATOL)
+    base = load_internvl_model(tiny_hf_model_dir, load_in_4bit=False, torch_dtype=torch.float32)
+    assert (_logits(base, model_inputs) - expected).abs().max() > 100 * FLOAT32_ATOL  # the adapter matters
+
+
+def test_an_hf_merge_runs_in_transformers_own_class(tiny_lora_output, model_inputs, tmp_path):
+    merge_lora(tiny_lora_output, tmp_path / "merged", torch_dtype=torch.float32, layout=HF_LAYOUT)
+    reference, _, _ = load_model_for_inference(tiny_lora_output, torch_dtype=torch.float32, device="cpu")
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=model_inputs["input_ids"], pixel_values=model_inputs["pixel_values"]).logits
+    torch.testing.assert_close(logits, _logits(reference, model_inputs), rtol=0, atol=1e-4)
+    # Remote code belongs to the official layout only.
+    assert not list((tmp_path / "merged").glob("*.py"))
+
+
+def test_a_model_the_hf_layout_cannot_hold_is_refused_and_nothing_is_written(tiny_lora_output, tmp_path):
+    output = shutil.copytree(tiny_lora_output, tmp_path / "output")
+    config = json.loads((output / "config.json").read_text())
+    config["ps_version"] = "v1"  # transformers implements only the v2 pixel shuffle
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="ps_version"):
+        merge_lora(output, tmp_path / "merged", layout=HF_LAYOUT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]
+
+
+def test_merge_script_writes_the_hf_layout_with_format_hf(tiny_lora_output, tmp_path, monkeypatch, capsys):
+    argv = ["merge_lora.py", str(tiny_lora_output), str(tmp_path / "merged"), "--format", "hf"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    assert "the result is in transformers' -hf layout" in capsys.readouterr().out
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "internvl"
+
+
+def test_merged_weights_get_the_permissions_of_every_other_file(tiny_lora_output, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        merge_lora(tiny_lora_output, tmp_path / "merged", torch_dtype=torch.float32)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    weights = [name for name in modes if name.endswith(".safetensors")]
+    assert weights and all(modes[name] == modes["config.json"] == 0o644 for name in weights), modes
+
+
+def test_merge_names_a_damaged_adapter(tiny_lora_output, tmp_path, monkeypatch):
+    damaged = tmp_path / "output"
+    shutil.copytree(tiny_lora_output, damaged)
+    adapter = damaged / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", str(damaged), str(tmp_path / "merged")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "merge_lora.py"), run_name="__main__")
+    assert str(exit_info.value.code).startswith(f"error: {adapter} is damaged")
+    assert not (tmp_path / "merged").exists()

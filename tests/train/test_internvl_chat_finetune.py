@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+from internvl.data.dataset import DatasetHealthError
 from internvl.model.loading import load_internvl_model
 from internvl.train.arguments import parse_args
 from internvl.train.internvl_chat_finetune import (
     check_arguments,
     count_parameters,
+    one_line,
     prepare_output_dir,
     write_loss_curves,
 )
@@ -33,6 +35,7 @@ def arguments(output_dir, *extra):
         (["--do_train", "True", "--use_llm_lora", "8", "--grad_checkpoint", "False",
           "--grad_checkpoint_skip_layers", "auto"], "gradient checkpointing, which is off"),
         (["--do_train", "True", "--use_llm_lora", "8", "--grad_checkpoint_memory_gb", "0"], "must be positive"),
+        (["--do_train", "True", "--use_llm_lora", "8", "--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
     ],
 )  # fmt: skip
 def test_arguments_that_cannot_train_are_refused_before_loading(tmp_path, extra, message):
@@ -102,3 +105,42 @@ def test_training_started_without_the_launcher_fixes_the_arch_list_first(monkeyp
                                      str(tmp_path), "--report_to", "none"])  # fmt: skip
     assert internvl_chat_finetune.os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert "TORCH_CUDA_ARCH_LIST='9.0a' set to '9.0'" in capsys.readouterr().out
+
+
+def test_output_folder_that_is_the_base_model_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The base model's files stay as they were, and the command says why in one line (exit code 1)."""
+    import sys
+
+    from internvl.train import internvl_chat_finetune
+    from tests.train.test_launch import write_split_meta
+
+    before = {path.name: path.read_bytes() for path in tiny_model_dir.iterdir()}
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--meta_path", str(write_split_meta(tmp_path)),
+            "--output_dir", str(tiny_model_dir), "--do_train", "True", "--use_llm_lora", "8", "--freeze_llm", "True",
+            "--report_to", "none"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["internvl_chat_finetune.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        internvl_chat_finetune.run_command_line()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: --output_dir {tiny_model_dir} is the base model folder")
+    assert {path.name: path.read_bytes() for path in tiny_model_dir.iterdir()} == before
+
+
+class _Unbuildable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise DatasetHealthError("10 of the last 10 samples could not be built")
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_message():
+    """torch puts the worker's traceback in front of the message of an error raised in a DataLoader worker."""
+    with pytest.raises(DatasetHealthError) as raised:
+        next(iter(torch.utils.data.DataLoader(_Unbuildable(), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert one_line(raised.value) == "10 of the last 10 samples could not be built"
+    assert one_line(ValueError("a plain one")) == "a plain one"

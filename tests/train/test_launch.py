@@ -1,20 +1,44 @@
-"""The launcher: environment -> torchrun command, batch arithmetic, multi-node and SLURM, CPU fallback."""
+"""The launcher: environment -> torchrun command, batch arithmetic, multi-node and SLURM, CPU fallback, the free
+port, and the checks that stop a run in one line before torchrun starts."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from internvl.data.dataset import META_FOLDER
+from internvl.train import launch
 from internvl.train.arguments import parse_args
-from internvl.train.launch import FINETUNE_SCRIPT, deepspeed_compatible_arch_list, resolve_plan, zero3_speed_note
+from internvl.train.launch import (
+    FINETUNE_SCRIPT,
+    choose_master_port,
+    deepspeed_compatible_arch_list,
+    port_is_free,
+    resolve_plan,
+    zero3_speed_note,
+)
+from internvl.train.run_guard import output_dir_lock
 from tests.scripts.test_finetune import guide_training_args
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def write_split_meta(folder: Path, train: int = 2, val: int = 1) -> Path:
+    """``meta.json`` with a training and a ``_val`` dataset of ``train`` / ``val`` text records (an empty ``_val``
+    entry when ``val`` is 0, as older prepare versions wrote for ``--val-ratio 0``)."""
+    record = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    meta = {}
+    for name, count in (("clips_train", train), ("clips_val", val)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(record) + "\n" for _ in range(count)))
+        meta[name] = {"root": ".", "annotation": f"{name}.jsonl", "length": count, "paths_relative_to": META_FOLDER}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "meta.json"
 
 
 def flag(args: list[str], name: str) -> str:
@@ -121,8 +145,7 @@ def test_no_speed_note_for_other_stages_cpu_runs_or_unreadable_configs(env, extr
 def test_default_launch_means_the_guide_command(tmp_path):
     """Spelled with the new flag names, the launcher's default run is the guide's, except that it resumes instead
     of overwriting the output folder."""
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+    meta = write_split_meta(tmp_path)
     guide = guide_training_args()
     guide[guide.index("--meta_path") + 1] = str(meta)
     plan = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2)
@@ -182,12 +205,14 @@ def test_cpu_fallback_without_gpus():
     assert flag(plan.train_args, "--use_cpu") == "True"
 
 
-def test_evaluation_only_when_meta_has_a_val_split(tmp_path):
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"clips_train": {}, "clips_val": {}}))
+def test_evaluation_only_when_meta_has_evaluation_records(tmp_path):
+    meta = write_split_meta(tmp_path, val=1)
     with_val = resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
     assert flag(with_val, "--do_eval") == "True" and flag(with_val, "--eval_strategy") == "steps"
-    meta.write_text(json.dumps({"clips_train": {}}))
+    # An empty _val entry (--val-ratio 0 with older prepare versions), or none at all: no evaluation.
+    meta = write_split_meta(tmp_path, val=0)
+    assert "--do_eval" not in resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
+    meta.write_text(json.dumps({"clips_train": json.loads(meta.read_text())["clips_train"]}))
     assert "--do_eval" not in resolve_plan({"META_PATH": str(meta)}, [], visible_gpus=2).train_args
 
 
@@ -253,3 +278,61 @@ def test_quick_start_stops_when_the_setup_check_fails(tmp_path):
     assert result.returncode != 0
     assert "❌ model folder" in result.stdout and "no-model" in result.stdout
     assert "== Training" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_taken_port_moves_a_single_node_run_and_stops_others():
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free, note = choose_master_port({}, nnodes=1, node_rank=0, default=port)
+        assert free != port and port_is_free(free)
+        assert note == f"Port {port} is in use (another training run?): using port {free} (MASTER_PORT sets it)."
+        with pytest.raises(ValueError, match=f"MASTER_PORT={port} is in use on this machine.*set MASTER_PORT"):
+            choose_master_port({"MASTER_PORT": str(port)}, nnodes=1, node_rank=0)
+        with pytest.raises(ValueError, match="set MASTER_PORT to a free port"):
+            choose_master_port({}, nnodes=2, node_rank=0, default=port)
+        # Only node 0 listens: another node cannot tell.
+        assert choose_master_port({"MASTER_PORT": str(port)}, nnodes=2, node_rank=1) == (port, None)
+
+
+@pytest.fixture
+def launch_env(monkeypatch, tmp_path, tiny_model_dir):
+    """The launcher's environment for a small run of the tiny model; the test changes what it plants a fault in."""
+    env = {"MODEL_PATH": str(tiny_model_dir), "META_PATH": str(write_split_meta(tmp_path)),
+           "OUTPUT_DIR": str(tmp_path / "run"), "GPUS": "2", "PER_DEVICE_BATCH_SIZE": "1", "BATCH_SIZE": "2"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setattr(launch, "run_torchrun", lambda plan: pytest.fail("torchrun started"))
+    return env
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"MODEL_PATH": "models/InternVL3-8B"}, "--model_name_or_path models/InternVL3-8B does not exist"),
+    ({"META_PATH": "nowhere/meta.json"}, "meta file nowhere/meta.json not found"),
+    ({"EPOCHS": "0"}, "--num_train_epochs 0 trains nothing"),
+    ({"OUTPUT_DIR": "MODEL"}, "is the base model folder"),
+])  # fmt: skip
+def test_the_launcher_stops_with_one_line_before_torchrun_starts(launch_env, monkeypatch, capsys, fault, message):
+    for name, value in fault.items():
+        monkeypatch.setenv(name, launch_env["MODEL_PATH"] if value == "MODEL" else value)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main([])
+    assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
+    assert "\n" not in str(exit_info.value.code)
+
+
+def test_the_launcher_refuses_an_output_folder_in_use(launch_env):
+    with output_dir_lock(launch_env["OUTPUT_DIR"]), pytest.raises(SystemExit) as exit_info:
+        launch.main([])
+    assert "is in use by another training run (pid" in str(exit_info.value.code)
+
+
+def test_the_launcher_starts_torchrun_when_the_checks_pass(launch_env, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr(launch, "run_torchrun", started.append)
+    launch.main(["--max_steps", "1"])
+    [plan] = started
+    assert plan.world_size == 2 and port_is_free(plan.master_port)
+    assert os.environ[launch.LAUNCH_COMMAND_ENV] == capsys.readouterr().out.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
-"""The model folder: config.json, every weight shard and the tokenizer of an official-layout InternVL checkpoint.
+"""The model folder: config.json, every weight shard and the tokenizer of an InternVL checkpoint, in the official
+layout or transformers' -hf one (``internvl.model.hf_layout``).
 
 ``check_model_dir`` runs these checks alone, for ``python -m internvl.tools.download`` after a download.
 """
@@ -15,7 +16,8 @@ from internvl.tools.checks.context import CheckContext, Checked
 from internvl.tools.checks.results import CheckResult, fail, listing, ok, read_json, size, warn
 
 DOWNLOAD_COMMAND = "bash scripts/download_internvl3_models.sh"
-# Tensors every InternVL3 checkpoint has under the official names; their absence means a wrong or partial folder.
+# Tensors every InternVL3 checkpoint has (under the official names; -hf folders hold them under transformers'
+# names); their absence means a wrong or partial folder.
 ESSENTIAL_TENSORS = (
     "vision_model.embeddings.patch_embedding.weight",
     "mlp1.1.weight",
@@ -37,8 +39,8 @@ def check_model_dir(path: str | os.PathLike) -> list[CheckResult]:
 
 
 def _check_folder(path: Path, data_args) -> tuple[list[CheckResult], Any, Any]:
-    """Config, every weight shard and the tokenizer of an official-layout InternVL checkpoint folder: the results,
-    and the config and tokenizer when they load (``None`` otherwise)."""
+    """Config, every weight shard and the tokenizer of an InternVL checkpoint folder: the results, and the config
+    and tokenizer when they load (``None`` otherwise)."""
     if not path.is_dir():
         return [fail("model folder", f"{path} does not exist", f"{DOWNLOAD_COMMAND} (or set MODEL_PATH)")], None, None
     config_results, config = _check_config(path, data_args)
@@ -54,14 +56,18 @@ def _check_config(path: Path, data_args) -> tuple[list[CheckResult], Any]:
     raw, error = read_json(config_file)
     if error:
         return [fail(name, f"not valid JSON: {error}", f"re-run {DOWNLOAD_COMMAND}")], None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type != "internvl_chat":
-        return [fail(name, f"{config_file}: model_type is {model_type!r}, expected 'internvl_chat'",
-                     "point MODEL_PATH at an InternVL checkpoint in the official layout (e.g. "
-                     "OpenGVLab/InternVL3-8B, not an '-hf' conversion)")], None
+    # The model package imports torch: only here, once the folder is there (the setup check starts without it).
+    from internvl.model.hf_layout import ORIGINAL_LAYOUT, layout_of_config, read_model_config
+
+    try:
+        layout = layout_of_config(raw, config_file)
+    except ValueError as error:
+        return [fail(name, str(error), "point MODEL_PATH at an InternVL3 checkpoint (e.g. OpenGVLab/InternVL3-8B "
+                                       "or OpenGVLab/InternVL3-8B-hf)")], None
+    llm_sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     required = {
-        "llm_config": ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "intermediate_size", "vocab_size"),
+        # An -hf text_config may leave architectures out (its model_type names the LLM).
+        **({"llm_config": ("architectures", *llm_sizes)} if layout == ORIGINAL_LAYOUT else {"text_config": llm_sizes}),
         "vision_config": ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "intermediate_size"),
     }  # fmt: skip
     missing = [f"{part}.{key}" for part, keys in required.items()
@@ -70,15 +76,13 @@ def _check_config(path: Path, data_args) -> tuple[list[CheckResult], Any]:
         return [fail(name, f"{config_file} lacks {', '.join(missing)}",
                      "restore config.json from the checkpoint's repository")], None
     try:
-        from internvl.model.configuration import InternVLChatConfig
-
-        config = InternVLChatConfig.from_pretrained(path)
+        config = read_model_config(path)
     except Exception as error:
         return [fail(name, f"{config_file} does not load: {error}",
                      "use an InternVL2.5/InternVL3 checkpoint with a Qwen2.5 or Llama language model")], None
     llm = config.llm_config
-    results = [ok(name, f"{llm.architectures[0]}, {llm.num_hidden_layers} layers, hidden {llm.hidden_size}, "
-                        f"vocab {llm.vocab_size}, {config.num_image_token} tokens per {config.image_size}px tile")]
+    results = [ok(name, f"{layout} layout, {llm.architectures[0]}, {llm.num_hidden_layers} layers, "
+                        f"hidden {llm.hidden_size}, vocab {llm.vocab_size}, {config.num_image_token} tokens per {config.image_size}px tile")]
     # Training replaces the config's template and checks its downsample ratio with these arguments.
     template = data_args.conv_style if data_args else config.template
     if template not in (None, "internvl2_5"):
@@ -124,6 +128,13 @@ def _check_weights(path: Path, config) -> list[CheckResult]:
                            f"{listing(missing)}", redownload)]
     from safetensors import safe_open
 
+    from internvl.model.hf_layout import hf_disk_name, hf_names
+
+    # The essential tensors' names in either layout: ours, transformers' own, and what transformers writes to disk.
+    essential_names = {
+        key: {key, *(name for hf_name in hf_names(key) for name in (hf_name, hf_disk_name(hf_name)))}
+        for key in ESSENTIAL_TENSORS
+    }
     shapes: dict[str, list[int]] = {}
     file_bytes, problems = 0, []
     for shard in shards:
@@ -133,7 +144,10 @@ def _check_weights(path: Path, config) -> list[CheckResult]:
             # Reads only the header, and checks that the file is as long as the header says.
             with safe_open(shard_path, framework="pt") as f:
                 keys = set(f.keys())
-                shapes.update({k: list(f.get_slice(k).get_shape()) for k in ESSENTIAL_TENSORS if k in keys})
+                shapes.update({
+                    essential: list(f.get_slice(stored).get_shape())
+                    for essential, names in essential_names.items() for stored in names if stored in keys
+                })  # fmt: skip
         except Exception as error:
             hint = " (a Git LFS pointer: run git lfs pull)" if 0 < shard_bytes < 1024 else ""
             problems.append(f"{shard} ({shard_bytes} bytes{hint}): {error}")
@@ -150,8 +164,8 @@ def _check_weights(path: Path, config) -> list[CheckResult]:
                      redownload)]
     missing_tensors = [key for key in ESSENTIAL_TENSORS if key not in shapes]
     if missing_tensors:
-        return [fail(name, f"no {', '.join(missing_tensors)} in {path}: not an InternVL checkpoint in the "
-                           "official layout", "point MODEL_PATH at an official-layout InternVL3 checkpoint")]
+        return [fail(name, f"no {', '.join(missing_tensors)} (or its -hf name) in {path}: not an InternVL "
+                           "checkpoint", "point MODEL_PATH at an InternVL3 checkpoint (official or -hf layout)")]
     if config is not None:
         llm = config.llm_config
         embedding = shapes["language_model.model.embed_tokens.weight"]

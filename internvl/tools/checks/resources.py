@@ -6,7 +6,6 @@ The estimates come from ``internvl.tools.resource_estimates``; ``docs/SETUP.md``
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,31 +101,44 @@ def check_memory(context: CheckContext) -> Checked:
 
 
 def check_output_dir(context: CheckContext) -> Checked:
-    """The output folder: writable, what resuming there would do, and free disk space for the checkpoints, the
-    adapter and the merged model. Finds ``disk_estimate``."""
+    """The output folder as training checks it before loading anything (``internvl.train.run_guard``: writable,
+    not the base model's, no run in it, a checkpoint it can resume from), and free disk space for the
+    checkpoints, the adapter and the merged model. Finds ``disk_estimate``."""
     from internvl.train.checkpoint import last_complete_checkpoint
+    from internvl.train.run_guard import (
+        RunRefused,
+        build_run_record,
+        check_output_dir as check_training_output_dir,
+        check_resume,
+        refuse_if_in_use,
+        resume_checkpoint,
+    )
 
     s = context.settings
     target = s.output_dir
-    if target.exists() and not target.is_dir():
-        message = f"{target} exists and is not a folder"
-        return [fail("output folder", message, "set OUTPUT_DIR to a folder path")], context
-    probe_dir = target if target.is_dir() else _existing_ancestor(target)
+    fix = "set OUTPUT_DIR to a writable folder of its own"
     try:
-        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        return [fail("output folder", f"cannot write in {probe_dir}: {error}",
-                     "set OUTPUT_DIR to a writable location")], context
-    checkpoint, _ = last_complete_checkpoint(target)
-    if checkpoint is None:
-        results = [ok("output folder", f"{target} is writable")]
-    elif s.overwrite_output_dir:
-        results = [warn("output folder", f"{target} holds checkpoints up to {checkpoint.name}; "
+        check_training_output_dir(target, s.model_path)
+        refuse_if_in_use(target)
+    except RunRefused as error:
+        return [fail("output folder", str(error), fix)], context
+    probe_dir = _existing_ancestor(target)
+    try:
+        checkpoint = resume_checkpoint(s.training_args)
+        notes = [] if checkpoint is None else check_resume(
+            checkpoint, build_run_record(s.model_args, s.data_args, s.training_args, s.gpus * s.nnodes))
+    except RunRefused as error:
+        return [fail("output folder", str(error), "as the message says")], context
+    last_checkpoint, _ = last_complete_checkpoint(target)
+    if s.overwrite_output_dir and last_checkpoint is not None:
+        results = [warn("output folder", f"{target} holds checkpoints up to {last_checkpoint.name}; "
                                          "--overwrite_output_dir deletes them when training starts")]
+    elif checkpoint is None:
+        results = [ok("output folder", f"{target} is writable")]
     else:
         results = [ok("output folder", f"{target} is writable; training resumes from {checkpoint.name} "
                                        "(pass --overwrite_output_dir True to start over)")]
+    results += [warn("resume", note) for note in notes]
 
     free = shutil.disk_usage(probe_dir).free
     dims, assumption = _dims_for_estimates(context.model_config)

@@ -26,6 +26,7 @@ class SetupSettings:
     gradient_accumulation: int
     model_args: Any  # internvl.train.arguments.ModelArguments, as training parses it
     data_args: Any  # internvl.train.arguments.DataTrainingArguments
+    training_args: Any = None  # internvl.train.arguments.InternVLTrainingArguments, without --deepspeed
     save_total_limit: int | None = None
     evaluation_requested: bool = False
     overwrite_output_dir: bool = False
@@ -47,16 +48,13 @@ class SetupSettings:
         visible_gpus: int | None = None,
     ) -> "SetupSettings":
         """The settings ``internvl.train.launch`` would run with: its environment variables (``GPUS``,
-        ``BATCH_SIZE``, ``MODEL_PATH``, ...) and defaults, then ``training_args`` appended as the launcher does."""
-        from transformers import HfArgumentParser
-
-        from internvl.train.arguments import (
-            DataTrainingArguments,
-            ModelArguments,
-            resolve_deepspeed_config,
-            strip_unsupported_flags,
-        )
+        ``BATCH_SIZE``, ``MODEL_PATH``, ...) and defaults, then ``training_args`` appended as the launcher does.
+        The arguments are parsed by training's own parser, so what it refuses (an unknown flag, ``--bf16 True
+        --fp16 True``) is a ``ValueError`` here; ``--deepspeed`` is left to the DeepSpeed checks and the GPU's
+        abilities to the environment checks."""
+        from internvl.train.arguments import resolve_deepspeed_config
         from internvl.train.launch import DEFAULTS, flag_values, resolve_plan
+        from internvl.train.run_guard import parse_args_for_checks
 
         environ = dict(os.environ if environ is None else environ)
         if visible_gpus is None:
@@ -89,16 +87,15 @@ class SetupSettings:
             per_device = int_or(get("PER_DEVICE_BATCH_SIZE"), int(DEFAULTS["PER_DEVICE_BATCH_SIZE"]))
             batch_size = int_or(get("BATCH_SIZE"), int(DEFAULTS["BATCH_SIZE"]))
 
-        parser = HfArgumentParser((ModelArguments, DataTrainingArguments))
+        flags = flag_values(args)
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
-                model_args, data_args, rest = parser.parse_args_into_dataclasses(
-                    args=strip_unsupported_flags(list(args)), return_remaining_strings=True
-                )
+                model_args, data_args, parsed = parse_args_for_checks(_without_flag(list(args), "deepspeed"))
         except SystemExit:
             raise ValueError(f"training arguments rejected: {stderr.getvalue().strip().splitlines()[-1]}") from None
-        flags = flag_values(rest)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"training arguments rejected: {error}") from None
         deepspeed = flags.get("deepspeed", "")
         try:
             deepspeed = resolve_deepspeed_config(deepspeed) or deepspeed
@@ -109,7 +106,7 @@ class SetupSettings:
             model_path=Path(model_args.model_name_or_path),
             meta_path=Path(data_args.meta_path),
             deepspeed_config=Path(deepspeed),
-            output_dir=Path(flags.get("output_dir", "")),
+            output_dir=Path(parsed.output_dir),
             gpus=gpus,
             nnodes=nnodes,
             per_device_batch_size=per_device,
@@ -117,9 +114,10 @@ class SetupSettings:
             gradient_accumulation=max(1, batch_size // max(1, per_step)),
             model_args=model_args,
             data_args=data_args,
-            save_total_limit=int_or(flags.get("save_total_limit"), None),
-            evaluation_requested=_is_true(flags.get("do_eval")) or flags.get("eval_strategy", "no") != "no",
-            overwrite_output_dir=_is_true(flags.get("overwrite_output_dir")),
+            training_args=parsed,
+            save_total_limit=parsed.save_total_limit,
+            evaluation_requested=parsed.do_eval or parsed.eval_strategy != "no",
+            overwrite_output_dir=parsed.overwrite_output_dir,
             launch_error=launch_error,
         )
 
@@ -131,5 +129,14 @@ def int_or(value: Any, default: Any) -> Any:
         return default
 
 
-def _is_true(value: str | None) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes")
+def _without_flag(args: list[str], name: str) -> list[str]:
+    """``args`` without ``--name value`` / ``--name=value``."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] == f"--{name}":
+            i += 2
+            continue
+        if not args[i].startswith(f"--{name}="):
+            kept.append(args[i])
+        i += 1
+    return kept

@@ -4,6 +4,7 @@ answer on to the memory check."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -55,3 +56,22 @@ def test_the_longest_answer_is_handed_on(good_setup):
     tokens = [sum(len(context.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in record)
               for record in answers]  # fmt: skip
     assert context.answer_tokens == max(tokens)
+
+
+def test_meta_paths_are_read_from_where_training_reads_them(setup_copy, monkeypatch):
+    """Data prepared with relative paths (the official convention) passes from the folder prepare ran in and fails
+    from any other, naming that folder, as training would."""
+    from internvl.data.prepare import prepare_dataset
+
+    monkeypatch.chdir(setup_copy)
+    prepare_dataset(Path("raw"), Path("official"), progress=False)
+    context = context_for(setup_copy, META_PATH=str(setup_copy / "official" / "meta.json"))
+    results, _ = data.check_data(context)
+    assert not [r for r in results if r.status == Status.FAIL], results
+    assert any(r.name == "meta.json" and r.status == Status.OK for r in results)
+
+    monkeypatch.chdir(setup_copy / "model")
+    results, _ = data.check_data(context)
+    [refused] = [r for r in results if r.status == Status.FAIL]
+    assert refused.name == "meta.json"
+    assert f"root 'raw' not found in the working directory {setup_copy / 'model'}" in refused.message

@@ -43,3 +43,20 @@ def test_check_model_dir_alone(good_setup, tmp_path):
     assert [r.status for r in check_model_dir(good_setup / "model")] == [Status.OK] * 3
     [result] = check_model_dir(tmp_path / "nowhere")
     assert result.status == Status.FAIL and "download_internvl3_models.sh" in result.fix
+
+
+def test_an_hf_layout_folder_passes_as_its_own_layout(tiny_hf_model_dir, tmp_path):
+    """transformers' -hf layout (e.g. OpenGVLab/InternVL3-8B-hf), sharded as released."""
+    write_sharded_checkpoint(tiny_hf_model_dir, tmp_path / "model")
+    results = check_model_dir(tmp_path / "model")
+    assert [r.status for r in results] == [Status.OK] * 3, results
+    assert results[0].message.startswith("hf layout, Qwen2ForCausalLM")
+
+
+def test_a_folder_of_neither_layout_is_named_as_such(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    [config_result, *_] = check_model_dir(folder)
+    assert config_result.status == Status.FAIL
+    assert "neither an InternVL checkpoint in the official layout" in config_result.message
+    assert "OpenGVLab/InternVL3-8B-hf" in config_result.fix

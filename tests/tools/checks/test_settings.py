@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import pytest
 
 from internvl.tools.checks import CheckContext, SetupSettings
 
@@ -47,3 +50,13 @@ def test_settings_keep_the_launchers_refusal():
                                            visible_gpus=0)
     assert "BATCH_SIZE=30" in settings.launch_error
     assert (settings.gpus, settings.per_device_batch_size, settings.batch_size) == (2, 4, 30)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no_such_flag", "1"], "--no_such_flag"),
+    (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),
+])  # fmt: skip
+def test_training_arguments_are_parsed_as_training_parses_them(extra, message):
+    """What training refuses after minutes of loading, the setup check refuses at once."""
+    with pytest.raises(ValueError, match=f"training arguments rejected: .*{re.escape(message)}"):
+        SetupSettings.from_launcher({"GPUS": "2"}, extra, visible_gpus=0)
