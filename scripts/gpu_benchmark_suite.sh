@@ -6,11 +6,13 @@
 #   BASELINE=plain.py      the plain transformers + peft + bitsandbytes loop (run "baseline"): NF4 at the recipe's
 #                          micro-batch (4 x the default run's tokens per sample), or unmodified with BASELINE_FULL=1;
 #                          with 2 GPUs or more it runs on GPU 0 beside the one-GPU run ("one_gpu") on GPU 1
-#   NPROC=1                processes per run (default: the visible GPUs; "one_gpu" always uses 1)
+#   NPROC=1                processes per run (default: the visible GPUs; "one_gpu*" runs always use 1)
 #   WHEELS=.whl            install the wheels of scripts/gather_gpu_wheels.sh (bitsandbytes, deepspeed, liger-kernel,
 #                          ...) into SITE (default /tmp/site) unless already there, and import from there
 #   FRAMES, BS, ACCUM, CAP (GiB per process), WORK (checkpoint + data folder), MODEL_CONFIG, PYTHON
-# The one-lease plan of issue 11 (1 x H200, three commands of under 10 minutes each) is in docs/BENCHMARKS.md.
+# The one-lease plans (issue 11: 1 x H200; issue 16: 2, 4 and 8 x H200, three commands of under 10 minutes each) are
+# in docs/BENCHMARKS.md. One-GPU runs ("one_gpu*") run in the background, each on the next GPU from GPU 1 on, beside
+# the plain loop on GPU 0; any other run waits for them first.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -73,7 +75,9 @@ run() {  # NAME TIME_LIMIT_S [benchmark options] [-- recipe flags]
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
   # What the GPUs really hold (CUDA context and NCCL buffers included), next to PyTorch's own figures.
-  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -l 2 > "$R/$name.nvidia-smi.csv" 2>&1 &
+  # Only the GPU a one-GPU run was given, when it was given one.
+  nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i "$CUDA_VISIBLE_DEVICES"} --query-gpu=index,memory.used \
+    --format=csv,noheader,nounits -l 2 > "$R/$name.nvidia-smi.csv" 2>&1 &
   local monitor=$!
   timeout -s TERM "$limit" "$PYTHON" scripts/benchmark_training.py --model-config "$MODEL_CONFIG" --work-dir "$WORK" \
     --gpu-memory-cap-gb "$CAP" --frames "$FRAMES" --max-seq-length 8192 --per-device-batch-size "$BS" \
@@ -100,8 +104,38 @@ baseline() {
   pack
 }
 
+BACKGROUND=(); NEXT_GPU=1
+wait_background() { if [ ${#BACKGROUND[@]} -gt 0 ]; then wait "${BACKGROUND[@]}"; fi; BACKGROUND=(); NEXT_GPU=1; }
+one_gpu_run() {  # NAME TIME_LIMIT_S [options]: one process; in the background on the next free GPU when there are 2+
+  if [ "$GPUS" -ge 2 ]; then
+    [ "$NEXT_GPU" -lt "$GPUS" ] || wait_background
+    CUDA_VISIBLE_DEVICES=$NEXT_GPU run "$1" "$2" --nproc-per-node 1 "${@:3}" & BACKGROUND+=($!)
+    NEXT_GPU=$((NEXT_GPU + 1))
+  else
+    run "$1" "$2" --nproc-per-node 1 "${@:3}"
+  fi
+}
+
+# Distributed checks (item 3 of issue 16: collectives, the saved adapter against DeepSpeed's fp32 copy, resume after
+# a killed rank) with all visible GPUs, on the tiny model or on the 8B shape (fewer steps: each checkpoint is GBs).
+distributed_check() {  # NAME TIME_LIMIT_S [options]
+  local name=$1 limit=$2 start=$SECONDS; shift 2
+  timeout -s TERM "$limit" "$PYTHON" -m internvl.bench.distributed_checks --work-dir "$WORK" \
+    ${NPROC:+--nproc-per-node "$NPROC"} --output "$R/$name.checks.json" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  # Keep the runs' logs; the 8B runs' checkpoints would fill /dev/shm.
+  for log in "$WORK"/distributed_checks/runs/*.log; do [ -f "$log" ] && cp "$log" "$R/$name.$(basename "$log")"; done
+  rm -rf "$WORK/distributed_checks/runs"
+  echo "$name rc=$rc $((SECONDS - start))s | $(tail -5 "$R/$name.log" | tr '\n' ' ')"
+  pack
+}
+
 variant() {  # one named variant of the benchmark
   local tokens
+  case $1 in
+    one_gpu*|baseline) ;;
+    *) wait_background ;;
+  esac
   case $1 in
     # The 2-GPU set of 2026-11-28.
     default) run default 200 --deepspeed zero_stage3_config.json ;;
@@ -114,12 +148,7 @@ variant() {  # one named variant of the benchmark
     default_cached) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False run default_cached 200 --deepspeed zero_stage3_config.json ;;
     no_offload) run no_offload 200 --deepspeed zero_stage3_no_offload_config.json ;;
     bf16_lora) run bf16_lora 180 --deepspeed zero_stage2_config.json --no-4bit ;;
-    one_gpu)
-      if [ "$GPUS" -ge 2 ]; then  # on GPU 1, beside the plain loop on GPU 0
-        CUDA_VISIBLE_DEVICES=1 run one_gpu 240 --deepspeed zero_stage3_config.json --nproc-per-node 1 & ONE_GPU=$!
-      else
-        run one_gpu 240 --deepspeed zero_stage3_config.json --nproc-per-node 1
-      fi ;;
+    one_gpu) one_gpu_run one_gpu 240 --deepspeed zero_stage3_config.json ;;
     baseline) baseline ;;
     # Issue 11: where the time goes (one more step under torch.profiler, not measured).
     default_profile) run default_profile 300 --deepspeed zero_stage3_config.json --profile ;;
@@ -140,6 +169,14 @@ variant() {  # one named variant of the benchmark
     # The guide's default with the levers, on a 48 GB and a 24 GB card.
     default_levers) tokens=$(tokens_per_sample); run default_levers 240 --deepspeed zero_stage3_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     default_levers_24gb) tokens=$(tokens_per_sample); run default_levers_24gb 240 --deepspeed zero_stage3_config.json --gpu-memory-cap-gb 22.5 --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
+    # Issue 16: the fast mode (zero2_levers) on a 24 GB card, on one GPU (the reference of per-GPU efficiency), and
+    # profiled; the default profiled is default_profile, on one GPU one_gpu.
+    zero2_levers_24gb) tokens=$(tokens_per_sample); run zero2_levers_24gb 240 --deepspeed zero_stage2_config.json --gpu-memory-cap-gb 22.5 --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
+    one_gpu_levers) tokens=$(tokens_per_sample); one_gpu_run one_gpu_levers 240 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
+    zero2_levers_profile) tokens=$(tokens_per_sample); run zero2_levers_profile 300 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" --profile -- --use_liger True --grad_checkpoint_skip_layers auto ;;
+    default_layer_leaf_24gb) run default_layer_leaf_24gb 240 --deepspeed "$R/zero3_layer_leaf.json" --gpu-memory-cap-gb 22.5 ;;
+    check_tiny) distributed_check check_tiny 300 --model-config tiny ;;
+    check_8b) distributed_check check_8b 540 --model-config "$MODEL_CONFIG" --steps 3 --kill-after-step 1 ;;
     # Variable-length data on one GPU: 8-32 frames (the recipe's draw from 32-frame videos), summaries of 20-200
     # tokens; one sample per row, then packed (same seed: the same samples).
     varlen_unpacked) run varlen_unpacked 300 "${varlen[@]}" -- --min_num_frame 8 ;;
@@ -149,8 +186,7 @@ variant() {  # one named variant of the benchmark
 }
 
 varlen=(--deepspeed zero_stage3_config.json --nproc-per-node 1 --frames 32 --summary-tokens 20 200 --steps 4)
-ONE_GPU=""
 for name in $RUNS; do variant "$name"; done
-[ -n "$ONE_GPU" ] && wait "$ONE_GPU"
+wait_background
 pack
 cat "$R/summary.md" 2>/dev/null

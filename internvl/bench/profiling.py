@@ -57,6 +57,17 @@ _DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 _LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 _HOST_CATEGORIES = ("cpu_op", "user_annotation", *_LAUNCH_CATEGORIES)
 _BACKWARD_NODE = "autograd::engine::evaluate_function: "
+# Device-side communication, by what it moves: NCCL's kernels (``ncclDevKernel_AllGather_RING_LL`` ...) and the
+# host<->device copies of ZeRO-Offload. A collective's kernel runs until every rank has joined it, so its time also
+# holds the wait for the slowest rank.
+COMMUNICATION = {
+    "all-gather": ("allgather",),
+    "reduce-scatter": ("reducescatter",),
+    "all-reduce": ("allreduce",),
+    "broadcast": ("broadcast",),
+    "host to device copies": ("memcpy htod",),
+    "device to host copies": ("memcpy dtoh",),
+}
 
 
 def module_label(name: str, module: nn.Module) -> str | None:
@@ -244,7 +255,8 @@ def _split_busy_time(spans: list[tuple[float, float, int]]) -> tuple[dict[int, f
 
 
 def analyze_trace(trace: dict, top: int = 15) -> dict:
-    """The profiled step's wall time by category, and the ops (CPU) or kernels (GPU) that took the most time.
+    """The profiled step's wall time by category, the ops (CPU) or kernels (GPU) that took the most time, and on a
+    GPU the time of each kind of communication (``communication_time``).
 
     ``trace`` is a Chrome trace of ``torch.profiler`` holding one ``STEP_SCOPE`` annotation. Seconds and shares (of
     the step's wall time) per category; the shares add up to 1.
@@ -310,8 +322,9 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
         seconds[DATA_WAIT] += waited / 1e6
         seconds[OPTIMIZER] += host_optimizer / 1e6
         seconds[IDLE] += (idle - waited - host_optimizer) / 1e6
+        communication = communication_time(device_events, spans)
     else:
-        device = "cpu"
+        device, communication = "cpu", {}
         inside = 0.0
         for i, event in enumerate(host.events):
             same_thread = (event.get("pid"), event.get("tid")) == (step.get("pid"), step.get("tid"))
@@ -333,7 +346,39 @@ def analyze_trace(trace: dict, top: int = 15) -> dict:
             {"name": name, "category": categories.most_common(1)[0][0], "seconds": total, "calls": calls}
             for name, (total, calls, categories) in top_entries
         ],
+        "communication": communication,
     }
+
+
+def _communication_kind(name: str) -> str | None:
+    squeezed = name.lower().replace("_", "")
+    for kind, words in COMMUNICATION.items():
+        if any(word in squeezed for word in words):
+            return kind
+    return None
+
+
+def communication_time(device_events: list[dict], spans: list[tuple[float, float, int]]) -> dict:
+    """Per kind of communication (``COMMUNICATION``) in the step: calls, the time its kernels or copies ran, and
+    the part of it when no other kernel ran (exposed: the GPU did nothing but communicate)."""
+    by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    compute = []
+    for start, end, i in spans:
+        kind = _communication_kind(device_events[i]["name"])
+        (by_kind[kind] if kind else compute).append((start, end))
+    compute = _merge(compute)
+    result = {}
+    for kind in COMMUNICATION:
+        if kind not in by_kind:
+            continue
+        merged = _merge(by_kind[kind])
+        busy = sum(end - start for start, end in merged)
+        result[kind] = {
+            "calls": len(by_kind[kind]),
+            "seconds": busy / 1e6,
+            "exposed_seconds": (busy - _overlap(merged, compute)) / 1e6,
+        }
+    return result
 
 
 def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -417,4 +462,9 @@ def profile_markdown(profile: dict, title: str) -> str:
         share = entry["seconds"] / profile["step_time_s"] if profile["step_time_s"] else 0.0
         lines.append(f"| `{name}` | {entry['category']} | {entry['calls']} | {entry['seconds']:.3f} | "
                      f"{100 * share:.1f}% |")  # fmt: skip
+    if profile.get("communication"):
+        lines += ["", "| communication | calls | s per step (running) | s exposed (no other kernel running) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for kind, value in profile["communication"].items():
+            lines.append(f"| {kind} | {value['calls']} | {value['seconds']:.3f} | {value['exposed_seconds']:.3f} |")
     return "\n".join(lines) + "\n"

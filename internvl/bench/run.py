@@ -57,10 +57,21 @@ class BenchmarkSettings:
         return self.warmup_steps + self.steps + (1 if self.profile else 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_module_command(plan, module: str, module_args: list[str]) -> list[str]:
+    """``torchrun`` on this machine for the launcher's ``plan``, with ``python -m module`` as each process's entry
+    point: its own options, then the recipe's flags after ``--``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--node_rank", "0", "--master_addr", plan.master_addr,
+        "--nproc_per_node", str(plan.nproc_per_node), "--master_port", str(plan.master_port),
+        "-m", module, *module_args, "--", *plan.train_args,
+    ]  # fmt: skip
 
 
 def trace_path(report: Path) -> Path:
@@ -82,7 +93,7 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
         "OUTPUT_DIR": str(Path(settings.work_dir) / "runs" / settings.name),
         "LORA_RANK": str(settings.lora_rank),
         "DEEPSPEED_CONFIG": settings.deepspeed,
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     if CUDA_ALLOC_CONF_ENV in os.environ:  # the caller's allocator settings win over the launcher's default
         env[CUDA_ALLOC_CONF_ENV] = os.environ[CUDA_ALLOC_CONF_ENV]
@@ -106,12 +117,7 @@ def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: 
         gpu_memory_cap_gb=settings.gpu_memory_cap_gb,
         profile_trace=str(trace_path(report)) if settings.profile else None,
     )
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--node_rank", "0", "--master_addr", plan.master_addr,
-        "--nproc_per_node", str(plan.nproc_per_node), "--master_port", str(plan.master_port),
-        "-m", worker.__name__, *options, "--", *plan.train_args,
-    ]  # fmt: skip
+    command = torchrun_module_command(plan, worker.__name__, options)
     return command, {**plan.env, "PYTHONUNBUFFERED": "1"}, plan
 
 

@@ -28,35 +28,43 @@ def plain_loop_tokens_per_second(results_dir: Path) -> float | None:
     return max(rows, key=lambda r: r["batch"])["tokens_per_s"] if rows else None
 
 
-def nvidia_smi_peak_mib(csv_path: Path) -> int | None:
-    """The most memory any GPU used while a run ran (``nvidia-smi`` samples of index, MiB)."""
+def nvidia_smi_peaks_mib(csv_path: Path) -> dict[int, int]:
+    """GPU index -> the most memory it used while a run ran (``nvidia-smi`` samples of index, MiB)."""
+    peaks: dict[int, int] = {}
     if not csv_path.is_file():
-        return None
-    values = []
+        return peaks
     with open(csv_path, encoding="utf-8") as f:
         for row in csv.reader(f):
-            if len(row) == 2 and row[1].strip().isdigit():
-                values.append(int(row[1]))
-    return max(values) if values else None
+            if len(row) == 2 and row[0].strip().isdigit() and row[1].strip().isdigit():
+                index, used = int(row[0]), int(row[1])
+                peaks[index] = max(used, peaks.get(index, 0))
+    return peaks
 
 
-def run_row(report: dict, plain: float | None, smi_mib: int | None) -> str:
+def _peak_and_lowest(values: list, fmt: str) -> str:
+    """The largest per-GPU value, and with several GPUs the smallest beside it."""
+    text = format(max(values), fmt)
+    return text + (f" (lowest {min(values):{fmt}})" if len(values) > 1 else "")
+
+
+def run_row(report: dict, plain: float | None, smi_mib: dict[int, int]) -> str:
     settings = report.get("settings", {})
     name = settings.get("name", "?")
     flags = " ".join(settings.get("recipe_args", []))
     config = f"`{Path(settings.get('deepspeed', '?')).name}`" + (f" `{flags}`" if flags else "")
     cap = settings.get("gpu_memory_cap_gb")
     shape = f"{settings.get('per_device_batch_size')} × GA {settings.get('gradient_accumulation_steps')}"
+    gpus = report.get("run", {}).get("world_size", "")
     if "results" not in report:
-        return f"| {name} | {config} | {shape} | {report.get('status', '?').upper()} | | | | | | {cap or ''} | |"
+        return f"| {name} | {config} | {gpus} | {shape} | {report.get('status', '?').upper()} | | | | | | {cap or ''} | |"
     r = report["results"]
     tokens = r["tokens_per_second_per_gpu"]
     ratio = f"{tokens / plain:.2f}×" if plain else "–"
     allocated, reserved = r.get("peak_train_gpu_memory_gib"), r.get("peak_train_gpu_reserved_gib")
-    memory = f"{max(allocated):.1f} / {max(reserved):.1f}" if allocated else "–"
-    smi = f"{smi_mib:,}" if smi_mib else "–"
+    memory = f"{_peak_and_lowest(allocated, '.1f')} / {_peak_and_lowest(reserved, '.1f')}" if allocated else "–"
+    smi = _peak_and_lowest(list(smi_mib.values()), ",") if smi_mib else "–"
     return (
-        f"| {name} | {config} | {shape} | {tokens:,.0f} | {ratio} | {r['step_time_s']:.2f} s | {memory} | "
+        f"| {name} | {config} | {gpus} | {shape} | {tokens:,.0f} | {ratio} | {r['step_time_s']:.2f} s | {memory} | "
         f"{100 * r['mfu']:.1f}% | {100 * r['dataloader_wait_share']:.1f}% | {cap or ''} | {smi} |"
     )
 
@@ -74,12 +82,12 @@ def summarize(results_dir: Path) -> str:
     lines = [
         plain_line,
         "",
-        "| run | DeepSpeed config and flags | batch × GA | tokens/s per GPU | × plain | step | allocated / reserved "
-        "GiB | MFU | data wait | cap GiB | `nvidia-smi` max MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | DeepSpeed config and flags | GPUs | batch × GA | tokens/s per GPU | × plain | step | allocated / "
+        "reserved GiB per GPU | MFU | data wait | cap GiB | `nvidia-smi` max MiB per GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path, report in reports:
-        lines.append(run_row(report, plain, nvidia_smi_peak_mib(path.with_suffix(".nvidia-smi.csv"))))
+        lines.append(run_row(report, plain, nvidia_smi_peaks_mib(path.with_suffix(".nvidia-smi.csv"))))
     for path, report in reports:
         if "profile" in report:
             lines += ["", profile_markdown(report["profile"], report["settings"]["name"]).rstrip("\n")]

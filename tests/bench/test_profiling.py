@@ -83,6 +83,30 @@ def test_gpu_time_is_split_by_the_category_of_the_launching_op_and_overlaps_are_
     assert summary["top"][0]["name"].startswith("sm90_xmma_gemm") and summary["top"][0]["category"] == GEMM
 
 
+def test_communication_kernels_are_counted_by_kind_with_the_time_no_other_kernel_ran():
+    events = [
+        op(STEP_SCOPE, 0, 1000, cat="user_annotation"),
+        kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 100, 200, correlation=1),  # 100-300
+        kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 250, 100, correlation=2,
+               stream=SIDE_STREAM),  # 250-350: 50 us beside the GEMM, 50 us alone  # fmt: skip
+        kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 400, 20, correlation=3),
+        kernel("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 500, 40,
+               correlation=4),  # fmt: skip
+        kernel("Memcpy HtoD (Pinned -> Device)", 600, 30, correlation=5, cat="gpu_memcpy"),
+        kernel("vectorized_elementwise_kernel", 590, 100, correlation=6, stream=SIDE_STREAM),  # hides the copy
+    ]
+    communication = analyze_trace({"traceEvents": events})["communication"]
+    assert list(communication) == ["all-gather", "reduce-scatter", "host to device copies"]
+    gather = communication["all-gather"]
+    assert gather["calls"] == 2
+    assert gather["seconds"] == pytest.approx(120e-6) and gather["exposed_seconds"] == pytest.approx(70e-6)
+    assert communication["reduce-scatter"]["exposed_seconds"] == pytest.approx(40e-6)
+    assert communication["host to device copies"]["seconds"] == pytest.approx(30e-6)
+    assert communication["host to device copies"]["exposed_seconds"] == pytest.approx(0.0)
+    table = profile_markdown(analyze_trace({"traceEvents": events}), "comm")
+    assert "| all-gather | 2 | 0.000 | 0.000 |" in table
+
+
 def test_backward_kernels_belong_to_the_module_of_their_forward_op():
     events = [
         op(STEP_SCOPE, 0, 1000, cat="user_annotation"),

@@ -1,5 +1,5 @@
 """The suite's Markdown summary: one row per report, the ratio to the plain loop of the same folder, the
-nvidia-smi peak, and each profiled step's tables."""
+nvidia-smi peak per GPU, and each profiled step's tables."""
 
 from __future__ import annotations
 
@@ -46,3 +46,17 @@ def test_summary_rows_beside_the_plain_loop(tmp_path, capsys):
     assert "| 17.4 / 18.8 | 41.0% | 0.4% | 48.0 | 20,943 |" in row
     assert "| broken |" in text and "OOM" in text
     assert "**zero2_liger**: one optimizer step, 2.000 s, GPU kernels" in text and "`nvjet_gemm`" in text
+
+
+def test_several_gpus_show_the_highest_and_the_lowest_gpu(tmp_path):
+    value = report("zero2_x2", 8000.0)
+    value["run"] = {"world_size": 2}
+    value["results"].update(peak_train_gpu_memory_gib=[17.4, 16.9], peak_train_gpu_reserved_gib=[18.8, 18.1])
+    (tmp_path / "zero2_x2.json").write_text(json.dumps(value))
+    # Samples of both GPUs; GPU 1 peaks lower.
+    (tmp_path / "zero2_x2.nvidia-smi.csv").write_text("0, 500\n1, 400\n0, 20943\n1, 20100\n0, 900\n1, 800\n")
+    main([str(tmp_path)])
+    row = next(line for line in (tmp_path / SUMMARY_NAME).read_text().splitlines() if line.startswith("| zero2_x2 |"))
+    assert "| 2 | 4 × GA 4 | 8,000 |" in row
+    assert "| 17.4 (lowest 16.9) / 18.8 (lowest 18.1) |" in row
+    assert row.endswith("| 20,943 (lowest 20,100) |")
