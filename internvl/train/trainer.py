@@ -2,7 +2,11 @@
 
 Changes to the stock trainer:
 - length-grouped batches, in training and evaluation, use the dataset's precomputed ``lengths`` (the stock sampler
-  would decode every sample to measure it);
+  would decode every sample to measure it); in training, in an order drawn from the seed and the epoch, so that
+  every process draws the same one and a resumed run the same one again (the stock sampler draws from each
+  process's global RNG, which drift apart with the first epoch's dropout: from the second epoch on, the processes
+  trained some samples twice and others not at all, and a run resumed inside a later epoch drew the first epoch's
+  order);
 - ``save_model`` writes the trained weights only (peft adapters and any other trainable tensors), gathered from
   the ZeRO-3 partitions first, so what is saved is what was trained (and resuming without DeepSpeed loads them);
 - the loss of a batch is divided by the summed loss weights of the whole optimizer step (all accumulation steps
@@ -112,6 +116,37 @@ class _Zero3LeafCheck(TrainerCallback):
             check_zero3_leaf_modules(model)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """``LengthGroupedSampler`` whose order depends on ``seed`` and the epoch (``set_epoch``) only: the same on every
+    process, and the same epoch's order again when a run resumes inside it."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the length-grouped sampler its epoch before the epoch's batches are drawn. The Trainer's own call
+    (through accelerate) does not reach it when a resume skips the epoch's first batches (transformers 5.24):
+    resumed runs then drew the first epoch's order again and trained on other samples than the run they continue.
+    ``state.epoch`` is the whole epoch at an epoch's start, and the epoch plus the trained part when resuming."""
+
+    def __init__(self, trainer: InternVLTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer.length_grouped_sampler
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch + 1e-9))  # 2.9999999... from float sums is still epoch 3
+
+
 class InternVLTrainer(Trainer):
     def __init__(self, *args, model, base_model_path: str, **kwargs):
         with _adapters_visible_to_quantization_check(model):
@@ -120,6 +155,8 @@ class InternVLTrainer(Trainer):
         self.throughput = ThroughputMeter(samples_per_step=self.effective_batch_size)
         self.add_callback(self.throughput)
         self.add_callback(_Zero3LeafCheck())
+        self.length_grouped_sampler: EpochSeededLengthGroupedSampler | None = None
+        self.add_callback(_SamplerEpoch(self))
 
     @property
     def effective_batch_size(self) -> int:
@@ -130,16 +167,21 @@ class InternVLTrainer(Trainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         # One group is one optimizer step over all ranks, as in the official recipe.
-        return LengthGroupedSampler(self.effective_batch_size, lengths=_precomputed_lengths(train_dataset, "training"))
+        self.length_grouped_sampler = EpochSeededLengthGroupedSampler(
+            self.effective_batch_size, _precomputed_lengths(train_dataset, "training"), self._sampler_seed()
+        )
+        return self.length_grouped_sampler
+
+    def _sampler_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
     def _get_eval_sampler(self, eval_dataset):
         # The stock sampler would build every evaluation sample in the main process to measure it, at each
         # evaluation (decoding video there, beside the loader workers, can also hang in FFmpeg's threads).
         if eval_dataset is None or self.args.train_sampling_strategy != "group_by_length":
             return super()._get_eval_sampler(eval_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(self.args.eval_batch_size, lengths=_precomputed_lengths(eval_dataset, "evaluation"),
-                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                                    generator=torch.Generator().manual_seed(self._sampler_seed()))  # fmt: skip
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The loss normalizer of one optimizer step: the summed weights of its targets (the trained next tokens),

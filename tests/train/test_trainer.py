@@ -78,6 +78,27 @@ def test_group_by_length_uses_precomputed_lengths(lora_model, tmp_path):
     assert sorted(eval_sampler) == list(range(10))
 
 
+def test_group_by_length_order_is_the_same_on_every_process_and_new_each_epoch(lora_model, tmp_path):
+    lengths = [(i * 37) % 101 + 1 for i in range(60)]
+    trainer = make_trainer(lora_model, LengthsOnlyDataset(lengths), tmp_path, "--group_by_length", "True")
+    orders = {}
+    # Two processes whose global RNGs drifted apart (different dropout draws), at epochs 0 and 1.
+    for process in (0, 1):
+        torch.manual_seed(1000 + process)
+        sampler = trainer._get_train_sampler()
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            orders[process, epoch] = list(sampler)
+    assert orders[0, 0] == orders[1, 0] and orders[0, 1] == orders[1, 1]
+    assert orders[0, 0] != orders[0, 1] and sorted(orders[0, 1]) == list(range(60))
+
+    # Resumed halfway through epoch 1 (0-based), or starting epoch 2: the trainer gives the sampler that epoch.
+    for epoch, expected in ((1.5, 1), (2.0, 2), (2.9999999999, 3)):
+        trainer.state.epoch = epoch
+        trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, trainer.control)
+        assert trainer.length_grouped_sampler.epoch == expected
+
+
 def test_group_by_length_without_lengths_is_an_error(lora_model, tmp_path):
     class NoLengths(torch.utils.data.Dataset):
         def __len__(self):
