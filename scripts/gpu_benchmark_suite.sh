@@ -117,7 +117,7 @@ one_gpu_run() {  # NAME TIME_LIMIT_S [options]: one process; in the background o
 }
 
 # Distributed checks (item 3 of issue 16: collectives, the saved adapter against DeepSpeed's fp32 copy, resume after
-# a killed rank) with all visible GPUs, on the tiny model or on the 8B shape (fewer steps: each checkpoint is GBs).
+# a killed rank) with all visible GPUs, on the tiny model or on the 8B shape.
 distributed_check() {  # NAME TIME_LIMIT_S [options]
   local name=$1 limit=$2 start=$SECONDS; shift 2
   timeout -s TERM "$limit" "$PYTHON" -m internvl.bench.distributed_checks --work-dir "$WORK" \
@@ -176,7 +176,7 @@ variant() {  # one named variant of the benchmark
     zero2_levers_profile) tokens=$(tokens_per_sample); run zero2_levers_profile 300 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" --profile -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     default_layer_leaf_24gb) run default_layer_leaf_24gb 240 --deepspeed "$R/zero3_layer_leaf.json" --gpu-memory-cap-gb 22.5 ;;
     check_tiny) distributed_check check_tiny 300 --model-config tiny ;;
-    check_8b) distributed_check check_8b 540 --model-config "$MODEL_CONFIG" --steps 3 --kill-after-step 1 ;;
+    check_8b) distributed_check check_8b 540 --model-config "$MODEL_CONFIG" ;;
     # Variable-length data on one GPU: 8-32 frames (the recipe's draw from 32-frame videos), summaries of 20-200
     # tokens; one sample per row, then packed (same seed: the same samples).
     varlen_unpacked) run varlen_unpacked 300 "${varlen[@]}" -- --min_num_frame 8 ;;

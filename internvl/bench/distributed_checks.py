@@ -50,7 +50,7 @@ import torch
 
 from internvl.bench import distributed_worker
 from internvl.bench.inputs import TINY_MODEL, prepare_checkpoint, prepare_videos
-from internvl.bench.run import free_port, torchrun_module_command
+from internvl.bench.run import launcher_env, process_count, torchrun_module_command
 from internvl.data.files import atomic_write_text
 from internvl.model.loading import load_tokenizer
 from internvl.train.arguments import resolve_deepspeed_config
@@ -186,20 +186,11 @@ def plan_launch(settings: CheckSettings, name: str, checkpoint: Path, meta: Path
     runs = check_dir(settings) / "runs"
     output_dir = runs / (output_name or name)
     record_dir = runs / f"{name}.records"
-    gpus = visible_gpu_count()
-    nproc = settings.nproc_per_node or gpus or 2
-    env = {
-        "GPUS": str(nproc),
-        "PER_DEVICE_BATCH_SIZE": str(settings.per_device_batch_size),
-        "BATCH_SIZE": str(settings.per_device_batch_size * settings.gradient_accumulation_steps * nproc),
-        "MODEL_PATH": str(checkpoint),
-        "META_PATH": str(meta),
-        "OUTPUT_DIR": str(output_dir),
-        "LORA_RANK": str(settings.lora_rank),
-        "LR": str(settings.learning_rate),
-        "DEEPSPEED_CONFIG": str(ds_config),
-        "MASTER_PORT": str(free_port()),
-    }
+    env = launcher_env(
+        process_count(settings.nproc_per_node), settings.per_device_batch_size, settings.gradient_accumulation_steps,
+        model_path=checkpoint, meta_path=meta, output_dir=output_dir, lora_rank=settings.lora_rank,
+        lr=settings.learning_rate, deepspeed_config=ds_config,
+    )  # fmt: skip
     overrides = [
         "--max_steps", str(settings.steps),
         "--save_steps", "1",
@@ -212,7 +203,7 @@ def plan_launch(settings: CheckSettings, name: str, checkpoint: Path, meta: Path
         overrides += ["--dataloader_num_workers", str(settings.loader_workers)]
     if fresh:
         overrides += ["--overwrite_output_dir", "True"]
-    plan = resolve_plan(env, overrides + list(settings.recipe_args), gpus)
+    plan = resolve_plan(env, overrides + list(settings.recipe_args), visible_gpu_count())
     command = torchrun_module_command(plan, distributed_worker.__name__, ["--record-dir", str(record_dir)])
     return Launch(name, output_dir, record_dir, runs / f"{name}.log", command, {**plan.env, "PYTHONUNBUFFERED": "1"})
 
@@ -302,8 +293,16 @@ def compare_adapter(saved: dict[str, torch.Tensor], master: dict[str, torch.Tens
         differing_elements += int((difference > 0).sum())
         max_difference = max(max_difference, float(difference.max()) if difference.numel() else 0.0)
     trained = any(value.abs().max() > 0 for key, value in expected.items() if ".lora_B." in key)
+    problems = [f"{len(items)} {what}, e.g. {items[0]}" for what, items in (
+        ("trained tensors not saved", missing), ("saved tensors not trained", unexpected),
+        ("tensors saved with another shape than trained (an un-gathered ZeRO-3 partition?)", wrong_shape)) if items]
+    if differing_elements:
+        problems.append(f"{differing_elements} elements differ from the fp32 master cast (largest {max_difference:.3g})")
+    if not trained:
+        problems.append("no lora_B weight moved from zero: nothing was trained")
     return {
-        "ok": not (missing or unexpected or wrong_shape or differing_elements) and trained and bool(expected),
+        "ok": not problems and bool(expected),
+        "problems": problems,
         "tensors": len(expected),
         "elements": sum(v.numel() for v in expected.values()),
         "saved_dtypes": sorted({str(v.dtype) for v in saved.values()}),
@@ -326,7 +325,9 @@ def check_saved_adapter(output_dir: Path, steps: int) -> dict:
         where: compare_adapter(load_file(folder / ADAPTER_FILE), master)
         for where, folder in (("final", output_dir), (checkpoint.name, checkpoint))
     }
-    return {"ok": all(r["ok"] for r in results.values()), "checkpoint": str(checkpoint), **results}
+    problems = [f"{where}: {problem}" for where, r in results.items() for problem in r["problems"]]
+    return {"ok": all(r["ok"] for r in results.values()), "problems": problems, "checkpoint": str(checkpoint),
+            **results}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,7 +600,7 @@ def environment() -> dict:
 
 def run_checks(settings: CheckSettings, log=print) -> dict:
     """Prepare the inputs, make the three runs and check them (module docstring); returns the report."""
-    world_size = settings.nproc_per_node or visible_gpu_count() or 2
+    world_size = process_count(settings.nproc_per_node)
     if world_size < 2:
         raise ValueError("The distributed checks need at least 2 processes (--nproc-per-node).")
     if not 1 <= settings.kill_after_step < settings.steps:
@@ -713,17 +714,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--persistence-threshold", type=float, default=defaults.persistence_threshold,
                         help="stage3_param_persistence_threshold for the runs (default: %(default)s: every "
                         "parameter partitioned); a negative value keeps the config's")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="optimizer steps, over two epochs (default: %(default)s)")  # fmt: skip
     parser.add_argument("--kill-after-step", type=int, default=defaults.kill_after_step,
                         help="kill once this checkpoint is complete (default: %(default)s)")  # fmt: skip
     parser.add_argument("--kill-rank", type=int, help="the rank to kill (default: the last)")
-    parser.add_argument("--per-device-batch-size", type=int, default=defaults.per_device_batch_size)
-    parser.add_argument("--grad-accum", type=int, default=defaults.gradient_accumulation_steps)
+    parser.add_argument("--per-device-batch-size", type=int, default=defaults.per_device_batch_size,
+                        help="default: %(default)s")  # fmt: skip
+    parser.add_argument("--grad-accum", type=int, default=defaults.gradient_accumulation_steps,
+                        help="gradient accumulation steps (default: %(default)s)")  # fmt: skip
     parser.add_argument("--frames", type=int, default=defaults.frames, help="frames per sample (default: %(default)s)")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="default: %(default)s")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="default: %(default)s")
     parser.add_argument("--loader-workers", type=int, help="DataLoader workers per process (default: the recipe's)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="run 1 only: collectives, adapter")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="run 1 only: collectives, epochs, adapter")
     parser.add_argument("--exit-timeout", type=float, default=defaults.exit_timeout_s,
                         help="seconds torchrun may take to end the job after the kill (default: %(default)s)")  # fmt: skip
     parser.add_argument("--run-timeout", type=float, default=defaults.run_timeout_s,

@@ -79,22 +79,32 @@ def trace_path(report: Path) -> Path:
     return report.with_name(report.name.removesuffix(REPORT_NAME) + "trace.json.gz")
 
 
+def process_count(requested: int | None) -> int:
+    """Processes per run: as requested, else the visible GPUs, else the launcher's CPU processes."""
+    return requested or visible_gpu_count() or int(LAUNCH_DEFAULTS["CPU_PROCESSES"])
+
+
+def launcher_env(nproc: int, per_device_batch_size: int, gradient_accumulation_steps: int, **paths) -> dict[str, str]:
+    """The launcher's variables (``internvl.train.launch``) for one node of ``nproc`` processes on a free port;
+    ``paths``: model_path, meta_path, output_dir, deepspeed_config and any other variable, by lower-case name."""
+    return {
+        "GPUS": str(nproc),
+        "PER_DEVICE_BATCH_SIZE": str(per_device_batch_size),
+        "BATCH_SIZE": str(per_device_batch_size * gradient_accumulation_steps * nproc),
+        "MASTER_PORT": str(free_port()),
+        **{name.upper(): str(value) for name, value in paths.items()},
+    }
+
+
 def benchmark_command(settings: BenchmarkSettings, checkpoint: Path, meta_path: Path, report: Path):
     """``(command, environment, plan)``: the launcher's plan for these settings (the guide's flags, then the
     benchmark's overrides, then ``recipe_args``), started with the benchmark worker as the entry point."""
     gpus = visible_gpu_count()
-    nproc = settings.nproc_per_node or gpus or int(LAUNCH_DEFAULTS["CPU_PROCESSES"])
-    env = {
-        "GPUS": str(nproc),
-        "PER_DEVICE_BATCH_SIZE": str(settings.per_device_batch_size),
-        "BATCH_SIZE": str(settings.per_device_batch_size * settings.gradient_accumulation_steps * nproc),
-        "MODEL_PATH": str(checkpoint),
-        "META_PATH": str(meta_path),
-        "OUTPUT_DIR": str(Path(settings.work_dir) / "runs" / settings.name),
-        "LORA_RANK": str(settings.lora_rank),
-        "DEEPSPEED_CONFIG": settings.deepspeed,
-        "MASTER_PORT": str(free_port()),
-    }
+    env = launcher_env(
+        process_count(settings.nproc_per_node), settings.per_device_batch_size, settings.gradient_accumulation_steps,
+        model_path=checkpoint, meta_path=meta_path, output_dir=Path(settings.work_dir) / "runs" / settings.name,
+        lora_rank=settings.lora_rank, deepspeed_config=settings.deepspeed,
+    )  # fmt: skip
     if CUDA_ALLOC_CONF_ENV in os.environ:  # the caller's allocator settings win over the launcher's default
         env[CUDA_ALLOC_CONF_ENV] = os.environ[CUDA_ALLOC_CONF_ENV]
     total_steps = settings.total_steps

@@ -73,7 +73,7 @@ def summarize(results_dir: Path) -> str:
     plain = plain_loop_tokens_per_second(results_dir)
     reports = []
     for path in sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime):  # in the order they ran
-        if path.name == BASELINE_NAME or path.name.endswith(".report.json"):
+        if path.name == BASELINE_NAME or path.name.endswith((".report.json", ".checks.json")):
             continue
         report = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(report, dict) and "settings" in report:

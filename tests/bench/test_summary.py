@@ -37,6 +37,8 @@ def test_summary_rows_beside_the_plain_loop(tmp_path, capsys):
     (tmp_path / "zero2_liger.json").write_text(json.dumps(report("zero2_liger", 9000.0, PROFILE)))
     (tmp_path / "zero2_liger.nvidia-smi.csv").write_text("0, 1200\n0, 20943\n0, 300\n")
     (tmp_path / "broken.json").write_text(json.dumps({"status": "oom", "settings": report("broken", 0)["settings"]}))
+    # A distributed checks' report (it has settings too) is no benchmark row.
+    (tmp_path / "check_tiny.checks.json").write_text(json.dumps({"status": "ok", "settings": {"name": "check"}}))
     main([str(tmp_path)])
     text = (tmp_path / SUMMARY_NAME).read_text()
     assert text == capsys.readouterr().out
@@ -44,7 +46,7 @@ def test_summary_rows_beside_the_plain_loop(tmp_path, capsys):
     row = next(line for line in text.splitlines() if line.startswith("| zero2_liger |"))
     assert "`zero_stage2_config.json` `--use_liger True`" in row and "| 4 × GA 4 | 9,000 | 1.50× | 8.00 s |" in row
     assert "| 17.4 / 18.8 | 41.0% | 0.4% | 48.0 | 20,943 |" in row
-    assert "| broken |" in text and "OOM" in text
+    assert "| broken |" in text and "OOM" in text and "| check |" not in text
     assert "**zero2_liger**: one optimizer step, 2.000 s, GPU kernels" in text and "`nvjet_gemm`" in text
 
 
