@@ -36,7 +36,7 @@ from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import DatasetHealthError, build_datasets
 from internvl.model.fusion import apply_liger_kernels, check_liger_usable, compile_decoder_layers
 from internvl.model.loading import load_internvl_model, load_tokenizer
-from internvl.tools.plots import plot_training_curves
+from internvl.tools.plots import load_loss_history, plot_training_curves
 from internvl.train.arguments import (
     DataTrainingArguments,
     InternVLTrainingArguments,
@@ -233,10 +233,14 @@ def eval_metrics_of_last_step(trainer) -> dict | None:
 def write_loss_curves(output_dir: Path) -> str:
     """For headless servers: the loss curves as a picture, without starting TensorBoard. Returns what to print."""
     try:
-        return f"Loss curves: {plot_training_curves(output_dir)}"
+        history = load_loss_history(output_dir)
     except FileNotFoundError:
         # Nothing was logged: fewer optimizer steps than --logging_steps, and no evaluation.
         return "No loss curves: no loss was logged (fewer optimizer steps than --logging_steps)."
+    path = plot_training_curves(output_dir)
+    if history.too_short_for_a_curve:
+        return f"No loss curve: fewer than two losses were logged (lower --logging_steps); {path} says so."
+    return f"Loss curves: {path}"
 
 
 def write_run_record(output_dir: Path, argv: list[str], record: dict, world_size: int) -> None:
