@@ -147,8 +147,8 @@ def test_loss_curves_from_the_training_log_written_during_training(tmp_path):
     """While training runs there is no trainer_state.json yet: the live log, written by the trainer's callback,
     is read instead."""
     callback = TrainingLogCallback(tmp_path)
-    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=6)
-    callback.on_train_begin(None, state, None)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=6, logging_steps=1)
+    callback.on_train_begin(SimpleNamespace(logging_strategy="steps", logging_steps=1), state, None)
     for step in range(1, 7):
         state.global_step = step
         callback.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-5, "epoch": step / 6})

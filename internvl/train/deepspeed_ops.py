@@ -1,0 +1,85 @@
+"""DeepSpeed's compiled ops: built once per Python environment, and announced before the build.
+
+DeepSpeed compiles its optimizer ops (CPU Adam for optimizer offload, FusedAdam otherwise) the first time a run
+needs them, through torch's extension builder, which caches them in ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``). Environments that share that folder but differ in compiler flags or paths keep
+rebuilding each other's ops, for minutes, and concurrent runs then wait on each other's build lock. So a run started
+from a virtual environment keeps the cache inside it (``<venv>/torch_extensions``), unless ``TORCH_EXTENSIONS_DIR``
+is set; and the main process says when a build is about to happen, instead of minutes of silence.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+
+TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+# What each op is, for the announcement.
+OP_TITLES = {"cpu_adam": "CPU Adam (optimizer offload)", "fused_adam": "FusedAdam"}
+ADAM_TYPES = ("adam", "adamw")
+
+
+def use_environment_build_cache(environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Set ``TORCH_EXTENSIONS_DIR`` to ``<virtual environment>/torch_extensions`` unless it is set already; returns
+    the folder ops are cached in, or None for torch's default (outside a virtual environment, or a read-only one)."""
+    if environ.get(TORCH_EXTENSIONS_ENV):
+        return Path(environ[TORCH_EXTENSIONS_ENV])
+    if sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return None
+    folder = Path(sys.prefix) / "torch_extensions"
+    environ[TORCH_EXTENSIONS_ENV] = str(folder)
+    return folder
+
+
+def extension_build_root(environ: MutableMapping[str, str] = os.environ) -> Path:
+    """The folder torch builds extension ``NAME`` in, as ``<root>/NAME`` (torch's own rule: the variable as is, else
+    its default root with a ``py311_cu130``-style subfolder)."""
+    if environ.get(TORCH_EXTENSIONS_ENV):
+        return Path(environ[TORCH_EXTENSIONS_ENV])
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def optimizer_op(deepspeed_config: dict) -> str | None:
+    """The op DeepSpeed's optimizer of this config needs: CPU Adam when the optimizer is offloaded (ZeRO-Offload
+    replaces any optimizer with it), FusedAdam for an Adam / AdamW section, else none (a torch optimizer)."""
+    zero = deepspeed_config.get("zero_optimization") or {}
+    if (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"):
+        return "cpu_adam"
+    optimizer = (deepspeed_config.get("optimizer") or {}).get("type", "")
+    if str(optimizer).lower() in ADAM_TYPES and not (deepspeed_config.get("optimizer") or {}).get(
+        "params", {}
+    ).get("torch_adam"):
+        return "fused_adam"
+    return None
+
+
+def op_is_built(name: str, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether DeepSpeed was installed with the op prebuilt, or torch's cache holds a build of it."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(name):
+        return True
+    return (extension_build_root(environ) / name / f"{name}.so").is_file()
+
+
+def build_announcement(deepspeed_config: dict | None, environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """What to print before the first training step when DeepSpeed is about to compile its optimizer op."""
+    name = optimizer_op(deepspeed_config) if deepspeed_config else None
+    if name is None or op_is_built(name, environ):
+        return None
+    return (
+        f"Compiling DeepSpeed's {OP_TITLES[name]} op: about a minute, once for this Python environment (cached in "
+        f"{extension_build_root(environ) / name})."
+    )
