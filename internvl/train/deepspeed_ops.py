@@ -1,7 +1,7 @@
 """DeepSpeed's compiled ops: built once per Python environment, and announced before the build.
 
-DeepSpeed compiles its optimizer ops (CPU Adam for optimizer offload, FusedAdam otherwise) the first time a run
-needs them, through torch's extension builder, which caches them in ``TORCH_EXTENSIONS_DIR`` (default
+DeepSpeed compiles its optimizer ops (CPU Adam for optimizer offload, FusedAdam otherwise), and on its CPU
+accelerator a communication op, the first time a run needs them, through torch's extension builder, which caches them in ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``). Environments that share that folder but differ in compiler flags or paths keep
 rebuilding each other's ops, for minutes, and concurrent runs then wait on each other's build lock. So a run started
 from a virtual environment keeps the cache inside it (``<venv>/torch_extensions``), unless ``TORCH_EXTENSIONS_DIR``
@@ -17,7 +17,9 @@ from pathlib import Path
 
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 # What each op is, for the announcement.
-OP_TITLES = {"cpu_adam": "CPU Adam (optimizer offload)", "fused_adam": "FusedAdam"}
+CPU_COMMUNICATION_OP = "deepspeed_shm_comm"
+OP_TITLES = {"cpu_adam": "CPU Adam (optimizer offload)", "fused_adam": "FusedAdam",
+             CPU_COMMUNICATION_OP: "CPU communication"}
 ADAM_TYPES = ("adam", "adamw")
 
 
@@ -74,12 +76,25 @@ def op_is_built(name: str, environ: MutableMapping[str, str] = os.environ) -> bo
     return (extension_build_root(environ) / name / f"{name}.so").is_file()
 
 
+def ops_to_build(deepspeed_config: dict | None, environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """The ops this run will compile: its optimizer's, and on DeepSpeed's CPU accelerator its communication op."""
+    if not deepspeed_config:
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    needed = [optimizer_op(deepspeed_config)]
+    if get_accelerator().device_name() == "cpu":
+        needed.append(CPU_COMMUNICATION_OP)
+    return [name for name in needed if name and not op_is_built(name, environ)]
+
+
 def build_announcement(deepspeed_config: dict | None, environ: MutableMapping[str, str] = os.environ) -> str | None:
-    """What to print before the first training step when DeepSpeed is about to compile its optimizer op."""
-    name = optimizer_op(deepspeed_config) if deepspeed_config else None
-    if name is None or op_is_built(name, environ):
+    """What to print before DeepSpeed compiles ops for this run, or None when they are built."""
+    names = ops_to_build(deepspeed_config, environ)
+    if not names:
         return None
+    ops = " and ".join(OP_TITLES[name] for name in names)
     return (
-        f"Compiling DeepSpeed's {OP_TITLES[name]} op: about a minute, once for this Python environment (cached in "
-        f"{extension_build_root(environ) / name})."
+        f"Compiling DeepSpeed's {ops} op{'s' if len(names) > 1 else ''}: about a minute, once for this Python "
+        f"environment (cached in {extension_build_root(environ)})."
     )

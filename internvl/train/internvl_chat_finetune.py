@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable.
+    # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable, and
+    # import it before transformers, which loads bitsandbytes, so that its log filters (internvl.log_filters) apply.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import internvl  # noqa: F401
 
 import os
 import shlex
@@ -319,6 +321,9 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
 def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class: type[InternVLTrainer]) -> None:
     model_args, data_args, training_args = args
     generation_evaluation = build_generation_evaluation(data_args, training_args)
+    build_note = build_announcement(training_args.hf_deepspeed_config.config if training_args.deepspeed else None)
+    if build_note and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node builds its own
+        print(build_note, flush=True)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     resume_from = prepare_output_dir(training_args) if training_args.do_train else None
@@ -383,9 +388,6 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
     )
 
     if training_args.do_train:
-        build_note = build_announcement(trainer.args.hf_deepspeed_config.config if training_args.deepspeed else None)
-        if build_note and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node builds its own
-            print(build_note, flush=True)
         result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
         metrics = {**result.metrics, "train_bad_samples": count_over_ranks(train_dataset.bad_samples)}

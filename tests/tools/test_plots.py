@@ -151,15 +151,21 @@ def test_loss_curves_from_the_training_log_written_during_training(tmp_path):
     callback.on_train_begin(SimpleNamespace(logging_strategy="steps", logging_steps=1), state, None)
     for step in range(1, 7):
         state.global_step = step
-        callback.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-5, "epoch": step / 6})
+        callback.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-5 * step, "epoch": step / 6,
+                                                 "grad_norm": 0.25 * step})  # fmt: skip
         if step % 3 == 0:
-            callback.on_log(None, state, None, logs={"eval_loss": 0.5 / step})
+            callback.on_log(None, state, None, logs={"eval_loss": 0.5 / step, "eval_rougeL": 10.0 * step,
+                                                     "eval_cider": 2.0 * step})  # fmt: skip
 
     history = load_loss_history(tmp_path)
     assert history.source.name == "training_log.txt"
     assert sorted(history.train) == [1, 2, 3, 4, 5, 6]
     assert history.train[4] == pytest.approx(0.25, abs=1e-4)  # the log keeps 4 decimals
     assert history.eval == pytest.approx({3: 0.5 / 3, 6: 0.5 / 6}, abs=1e-4)
+    assert history.learning_rate == pytest.approx({step: 1e-5 * step for step in range(1, 7)})
+    assert history.grad_norm == pytest.approx({step: 0.25 * step for step in range(1, 7)})
+    assert history.eval_metrics == {"rougeL": {3: 30.0, 6: 60.0}, "cider": {3: 6.0, 6: 12.0}}
+    assert history.max_steps == 6 and history.resumed_at == []
     _assert_png(plot_training_curves(tmp_path, tmp_path / "curves.png"))
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
 from internvl.train import deepspeed_ops
 from internvl.train.deepspeed_ops import (
     TORCH_EXTENSIONS_ENV,
     build_announcement,
     extension_build_root,
+    ops_to_build,
     optimizer_op,
     use_environment_build_cache,
 )
@@ -57,16 +59,22 @@ def test_which_op_the_config_compiles(config, op):
     assert optimizer_op(config) == op
 
 
-def test_the_build_is_announced_until_the_op_is_cached(monkeypatch, tmp_path):
+def built(folder, name):
+    (folder / name).mkdir()
+    (folder / name / f"{name}.so").write_bytes(b"")
+
+
+def test_the_build_is_announced_until_the_ops_are_cached(monkeypatch, tmp_path):
     monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"cpu_adam": False})
     environ = {TORCH_EXTENSIONS_ENV: str(tmp_path)}
-    note = build_announcement(OFFLOAD, environ)
-    assert note == (
-        "Compiling DeepSpeed's CPU Adam (optimizer offload) op: about a minute, once for this Python environment "
-        f"(cached in {tmp_path / 'cpu_adam'})."
+    on_cpu = get_accelerator().device_name() == "cpu"
+    expected = "CPU Adam (optimizer offload) and CPU communication ops" if on_cpu else "CPU Adam (optimizer offload) op"
+    assert build_announcement(OFFLOAD, environ) == (
+        f"Compiling DeepSpeed's {expected}: about a minute, once for this Python environment (cached in {tmp_path})."
     )
-    (tmp_path / "cpu_adam").mkdir()
-    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    built(tmp_path, "cpu_adam")
+    built(tmp_path, "deepspeed_shm_comm")
+    assert ops_to_build(OFFLOAD, environ) == []
     assert build_announcement(OFFLOAD, environ) is None
     assert build_announcement(None, environ) is None  # DeepSpeed off
 
