@@ -1,4 +1,5 @@
-"""Pictures: training / evaluation loss curves of a training run, and metric bars of one or more evaluated models.
+"""Pictures: the curves of a training run, metric bars of one or more evaluated models, and a contact sheet of a
+sample's frames.
 
 Figures are built with matplotlib's object API on the Agg canvas (no display, no global pyplot state) and written
 atomically.
@@ -301,6 +302,26 @@ def build_metric_bars_figure(scores_by_model: dict[str, dict[str, float]], metri
     axes.grid(True, axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     axes.legend(loc="upper left", ncols=len(models), fontsize=9)
+    return figure
+
+
+def build_contact_sheet_figure(images: list, title: str, columns: int = 4) -> Figure:
+    """Frames (HxWx3 ``uint8`` arrays) in a grid, each titled ``Frame-i`` as the prompt announces it."""
+    if not images:
+        raise ValueError("no frames to show")
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    figure = Figure(figsize=(2.4 * columns, 2.4 * rows + 0.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        if index >= len(images):
+            axes.set_axis_off()
+            continue
+        axes.imshow(images[index])
+        axes.set_xticks([])
+        axes.set_yticks([])  # the frame's border stays: a white frame keeps its edges on the white page
+        axes.set_title(f"Frame-{index + 1}", fontsize=9)
+    figure.suptitle(title, fontsize=9)
     return figure
 
 

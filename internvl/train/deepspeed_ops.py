@@ -94,7 +94,13 @@ def build_announcement(deepspeed_config: dict | None, environ: MutableMapping[st
     if not names:
         return None
     ops = " and ".join(OP_TITLES[name] for name in names)
-    return (
+    note = (
         f"Compiling DeepSpeed's {ops} op{'s' if len(names) > 1 else ''}: about a minute, once for this Python "
         f"environment (cached in {extension_build_root(environ)})."
     )
+    # torch's builder waits, silently and forever, on the lock file of a build that was killed.
+    locks = [extension_build_root(environ) / name / "lock" for name in names]
+    for lock in filter(Path.is_file, locks):
+        note += (f" {lock} is there: if no other run is compiling now, an earlier build was interrupted and this "
+                 "run will wait for it forever; delete that file.")
+    return note

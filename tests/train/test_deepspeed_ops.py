@@ -72,6 +72,14 @@ def test_the_build_is_announced_until_the_ops_are_cached(monkeypatch, tmp_path):
     assert build_announcement(OFFLOAD, environ) == (
         f"Compiling DeepSpeed's {expected}: about a minute, once for this Python environment (cached in {tmp_path})."
     )
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "lock").write_bytes(b"")  # left by a build that was killed
+    assert build_announcement(OFFLOAD, environ).endswith(
+        f"{tmp_path / 'cpu_adam' / 'lock'} is there: if no other run is compiling now, an earlier build was "
+        "interrupted and this run will wait for it forever; delete that file."
+    )
+    (tmp_path / "cpu_adam" / "lock").unlink()
+    (tmp_path / "cpu_adam").rmdir()
     built(tmp_path, "cpu_adam")
     built(tmp_path, "deepspeed_shm_comm")
     assert ops_to_build(OFFLOAD, environ) == []
