@@ -230,9 +230,17 @@ def count_over_ranks(count: int) -> int:
     return int(total.item())
 
 
-def eval_metrics_of_last_step(trainer) -> dict | None:
+def step_of_final_weights(trainer) -> int:
+    """The optimizer step whose weights the model holds: the best checkpoint's with ``--load_best_model_at_end``."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.rsplit("-", 1)[1])
+    return trainer.state.global_step
+
+
+def eval_metrics_of_final_weights(trainer) -> dict | None:
     """The metrics of the periodic evaluation if it already ran on the final weights (no need to run it again)."""
-    step = trainer.state.global_step
+    step = step_of_final_weights(trainer)
     for entry in reversed(trainer.state.log_history):
         if step and entry.get("step") == step and "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         os.environ[CUDA_ARCH_LIST_ENV], note = arch_list
         log(note)
     warnings.filterwarnings("ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATION, category=FutureWarning)
-    use_environment_build_cache()  # before the first DeepSpeed op build (the CPU accelerator's, in parse_args)
+    use_environment_build_cache()  # before DeepSpeed builds any op
     model_args, data_args, training_args = parse_args(argv)
     # From here on, transformers' warnings come from the main process only (the others would repeat them).
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
@@ -395,7 +403,7 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
-        metrics = eval_metrics_of_last_step(trainer) or trainer.evaluate()
+        metrics = eval_metrics_of_final_weights(trainer) or trainer.evaluate()
         metrics["eval_bad_samples"] = count_over_ranks(eval_dataset.bad_samples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -404,8 +412,9 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
         summary = RunSummary(
             model_args=model_args, data_args=data_args, training_args=training_args,
             num_train_samples=len(train_dataset), num_eval_samples=len(eval_dataset) if evaluating else None,
-            global_step=trainer.state.global_step, train_metrics=result.metrics,
-            eval_metrics=eval_metrics_of_last_step(trainer), best_model_checkpoint=trainer.state.best_model_checkpoint,
+            global_step=trainer.state.global_step, weights_step=step_of_final_weights(trainer),
+            train_metrics=result.metrics,
+            eval_metrics=eval_metrics_of_final_weights(trainer), best_model_checkpoint=trainer.state.best_model_checkpoint,
             best_metric=trainer.state.best_metric, launch_command=last_launch_command(output_dir),
         )  # fmt: skip
         log(f"Model card: {write_model_card(summary, output_dir)}")

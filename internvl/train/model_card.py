@@ -27,11 +27,16 @@ class RunSummary:
     num_train_samples: int
     num_eval_samples: int | None
     global_step: int
+    weights_step: int  # the step whose weights were saved (the best checkpoint's with --load_best_model_at_end)
     train_metrics: dict
     eval_metrics: dict | None
     best_model_checkpoint: str | None
     best_metric: float | None
     launch_command: str | None
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _lora_line(name: str, rank: int) -> str:
@@ -55,6 +60,7 @@ def model_card_text(run: RunSummary, output_dir: Path) -> str:
                     f"{'on' if model.bnb_4bit_use_double_quant else 'off'})") if model.load_in_4bit else "not quantized"
     precision = "bf16" if train.bf16 else "fp16" if train.fp16 else "fp32"
     schedule = train.lr_scheduler_type
+    requested = f"--max_steps {train.max_steps}" if train.max_steps > 0 else f"{train.num_train_epochs:g} epochs"
     batch = train.per_device_train_batch_size * train.gradient_accumulation_steps * train.world_size
     lines = [
         "---",
@@ -78,8 +84,8 @@ def model_card_text(run: RunSummary, output_dir: Path) -> str:
         "",
         "## Data",
         "",
-        f"- `{data.meta_path}`: {run.num_train_samples} training samples"
-        + (f", {run.num_eval_samples} validation samples" if run.num_eval_samples is not None else ""),
+        f"- `{data.meta_path}`: {_count(run.num_train_samples, 'training sample')}"
+        + (f", {_count(run.num_eval_samples, 'validation sample')}" if run.num_eval_samples is not None else ""),
         f"- {data.min_num_frame}-{data.max_num_frame} frames per video, {data.force_image_size} px, at most "
         f"{data.max_seq_length} tokens per sample, chat template `{data.conv_style}`",
         "",
@@ -87,7 +93,7 @@ def model_card_text(run: RunSummary, output_dir: Path) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| optimizer steps | {run.global_step} ({train.num_train_epochs:g} epochs requested) |",
+        f"| optimizer steps | {run.global_step} ({requested}) |",
         f"| batch per step | {batch} = {train.per_device_train_batch_size} per device x "
         f"{train.gradient_accumulation_steps} accumulation x {train.world_size} processes |",
         f"| learning rate | {train.learning_rate:g}, {getattr(schedule, 'value', schedule)} schedule, warm-up "
@@ -102,7 +108,7 @@ def model_card_text(run: RunSummary, output_dir: Path) -> str:
     if "train_loss" in run.train_metrics:
         results.append(f"- training loss (mean over the run): {run.train_metrics['train_loss']:.4f}")
     if run.eval_metrics:
-        results += ["- last evaluation:", "", *_scores_table(run.eval_metrics)]
+        results += [f"- evaluation of these weights (step {run.weights_step}):", "", *_scores_table(run.eval_metrics)]
     if run.best_model_checkpoint:
         metric = train.metric_for_best_model or "eval_loss"
         chosen = "; these are its weights" if train.load_best_model_at_end else ""

@@ -26,7 +26,12 @@ from internvl.model.loading import load_tokenizer
 from internvl.tools.metrics import compute_metrics
 from internvl.train.arguments import parse_args
 from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
-from internvl.train.internvl_chat_finetune import build_generation_evaluation, early_stopping
+from internvl.train.internvl_chat_finetune import (
+    build_generation_evaluation,
+    early_stopping,
+    eval_metrics_of_final_weights,
+    step_of_final_weights,
+)
 from internvl.train.trainer import InternVLTrainer
 from tests.conftest import _tiny_lora_model
 
@@ -119,6 +124,10 @@ def test_the_best_checkpoint_is_the_one_with_the_best_rougeL(tiny_model_dir, dem
     if best_step != 4:
         last = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
         assert any(not torch.equal(last[name], saved[name]) for name in saved)
+
+    # What the run reports as its evaluation is the evaluation of these weights, not of the last step's.
+    assert step_of_final_weights(trainer) == best_step
+    assert eval_metrics_of_final_weights(trainer)["eval_rougeL"] == rouge[best_step]
 
     # TensorBoard holds the scores at each evaluation.
     assert tensorboard_scalars(tmp_path / "runs", "eval/rougeL") == pytest.approx(rouge)

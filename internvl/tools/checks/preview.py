@@ -96,3 +96,20 @@ def preview_first_sample(
         figure = build_contact_sheet_figure(images, title=f"{source}: {num_frames} tiles as the vision tower gets them")
         preview.contact_sheet = save_figure(figure, contact_sheet)
     return preview
+
+
+def preview_for_settings(settings, contact_sheet: Path | None) -> SamplePreview:
+    """The preview for the run the setup check is about (a ``SetupSettings``): its model's tokenizer and image
+    tokens, its data and data arguments."""
+    from internvl.model.configuration import InternVLChatConfig
+    from internvl.model.loading import load_tokenizer
+    from internvl.tools.checks.data import num_image_token_for
+
+    config = InternVLChatConfig.from_pretrained(settings.model_path)
+    return preview_first_sample(
+        settings.meta_path,
+        load_tokenizer(settings.model_path, use_fast=settings.model_args.use_fast_tokenizer),
+        num_image_token=num_image_token_for(config, settings.data_args),
+        dataset_options=settings.data_args.dataset_options(),
+        contact_sheet=contact_sheet,
+    )
