@@ -18,6 +18,8 @@ from internvl.data.tiling import NORMALIZATIONS
 
 SUPERVISED_START, SUPERVISED_END = "[[", "]]"
 CONTACT_SHEET_NAME = "first_sample_frames.png"
+# The setup-check sections whose failures leave nothing to preview.
+PREVIEW_NEEDS = ("Model", "Data")
 
 
 @dataclass
@@ -113,3 +115,14 @@ def preview_for_settings(settings, contact_sheet: Path | None) -> SamplePreview:
         dataset_options=settings.data_args.dataset_options(),
         contact_sheet=contact_sheet,
     )
+
+
+def preview_after_checks(report, settings, contact_sheet: Path | None) -> str:
+    """The setup check's ``--preview``: the preview when the model and data checks passed, else why there is none."""
+    blocking = [r.name for r in report.results if r.status.name == "FAIL" and r.section in PREVIEW_NEEDS]
+    if blocking:
+        return f"No preview of the first sample: fix {', '.join(blocking)} first (see above)."
+    try:
+        return preview_for_settings(settings, contact_sheet).format()
+    except Exception as error:  # the data check builds a batch the same way; this names what still went wrong
+        return f"No preview of the first sample: {type(error).__name__}: {error}"
