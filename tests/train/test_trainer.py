@@ -168,7 +168,8 @@ def test_an_evaluation_set_that_cannot_be_built_skips_the_evaluation(lora_model,
                for name in ("chat", "chat_val")}  # fmt: skip
     write_meta(tmp_path / "meta.json", entries)
     _, evaluation = build_datasets(tmp_path / "meta.json", tiny_tokenizer)
-    trainer = make_trainer(lora_model, LengthsOnlyDataset([1] * 4), tmp_path)
+    # Samples built in this process, so that their warnings reach caplog (a loader worker prints its own).
+    trainer = make_trainer(lora_model, LengthsOnlyDataset([1] * 4), tmp_path, "--dataloader_num_workers", "0")
     with caplog.at_level(logging.WARNING):
         assert trainer.evaluate(evaluation) == {}
     assert "skipping bad evaluation sample chat_val chat_val.jsonl:1" in caplog.text
