@@ -301,7 +301,7 @@ def build_metric_bars_figure(scores_by_model: dict[str, dict[str, float]], metri
     axes.set_ylabel("score (0-100; CIDEr x 100)")
     axes.grid(True, axis="y", alpha=0.3)
     axes.set_axisbelow(True)
-    axes.legend(loc="upper left", ncols=len(models), fontsize=9)
+    figure.legend(loc="outside upper center", ncols=len(models), fontsize=9)  # never over a bar
     return figure
 
 

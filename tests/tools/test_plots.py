@@ -213,7 +213,7 @@ def test_metric_bars_of_one_to_three_models_sit_side_by_side(num_models):
     scores = {f"model {i}": {m: 10.0 * (i + 1) + j for j, m in enumerate(metrics)} for i in range(num_models)}
     figure = build_metric_bars_figure(scores, metrics)
     axes = figure.axes[0]
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == list(scores)
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == list(scores)
     # Each metric's group holds one bar per model, inside the group's slot and without overlapping.
     for group in range(len(metrics)):
         bars = sorted((container[group] for container in axes.containers), key=lambda bar: bar.get_x())
