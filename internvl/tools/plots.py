@@ -174,7 +174,8 @@ def _change(values: dict[int, float]) -> str:
 
 
 def _too_short_note(history: LossHistory) -> str:
-    logged = {**{s: ("train", v) for s, v in history.train.items()}, **{s: ("eval", v) for s, v in history.eval.items()}}
+    logged = {step: ("train", value) for step, value in history.train.items()}
+    logged.update({step: ("eval", value) for step, value in history.eval.items()})
     points = ", ".join(f"{kind} loss {value:.4f} at step {step}" for step, (kind, value) in sorted(logged.items()))
     every = f"every {history.logging_steps} optimizer steps (--logging_steps {history.logging_steps})" if (
         history.logging_steps) else "every --logging_steps optimizer steps"

@@ -1,11 +1,12 @@
 """DeepSpeed's compiled ops: built once per Python environment, and announced before the build.
 
 DeepSpeed compiles its optimizer ops (CPU Adam for optimizer offload, FusedAdam otherwise), and on its CPU
-accelerator a communication op, the first time a run needs them, through torch's extension builder, which caches them in ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``). Environments that share that folder but differ in compiler flags or paths keep
-rebuilding each other's ops, for minutes, and concurrent runs then wait on each other's build lock. So a run started
-from a virtual environment keeps the cache inside it (``<venv>/torch_extensions``), unless ``TORCH_EXTENSIONS_DIR``
-is set; and the main process says when a build is about to happen, instead of minutes of silence.
+accelerator a communication op, the first time a run needs them, through torch's extension builder, which caches
+them in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Environments that share that folder but
+differ in compiler flags or paths keep rebuilding each other's ops, for minutes, and concurrent runs then wait on
+each other's build lock. So a run started from a virtual environment keeps the cache inside it
+(``<venv>/torch_extensions``), unless ``TORCH_EXTENSIONS_DIR`` is set; and the main process says when a build is
+about to happen, instead of minutes of silence.
 """
 
 from __future__ import annotations

@@ -414,8 +414,8 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
             num_train_samples=len(train_dataset), num_eval_samples=len(eval_dataset) if evaluating else None,
             global_step=trainer.state.global_step, weights_step=step_of_final_weights(trainer),
             train_metrics=result.metrics,
-            eval_metrics=eval_metrics_of_final_weights(trainer), best_model_checkpoint=trainer.state.best_model_checkpoint,
-            best_metric=trainer.state.best_metric, launch_command=last_launch_command(output_dir),
+            eval_metrics=eval_metrics_of_final_weights(trainer), best_metric=trainer.state.best_metric,
+            best_model_checkpoint=trainer.state.best_model_checkpoint, launch_command=last_launch_command(output_dir),
         )  # fmt: skip
         log(f"Model card: {write_model_card(summary, output_dir)}")
     log(f"Outputs are in {output_dir}")

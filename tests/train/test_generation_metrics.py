@@ -201,7 +201,8 @@ def test_two_processes_share_the_records_and_agree_with_one(tiny_model_dir, demo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two = json.loads((tmp_path / "result.json").read_text())
 
-    _, data_args, training_args = run_arguments(tiny_model_dir, demo_meta, tmp_path, "--per_device_eval_batch_size", "1")
+    _, data_args, training_args = run_arguments(tiny_model_dir, demo_meta, tmp_path,
+                                                "--per_device_eval_batch_size", "1")  # fmt: skip
     set_seed(0)
     one_scores, one_lines = build_generation_evaluation(data_args, training_args).run(
         _tiny_lora_model(tiny_model_dir), load_tokenizer(tiny_model_dir)

@@ -13,7 +13,8 @@ def guide_run(tmp_path, **overrides) -> RunSummary:
     model_args, data_args, training_args = parse_args(guide_training_args() + ["--report_to", "none"])
     values = dict(
         model_args=model_args, data_args=data_args, training_args=training_args, num_train_samples=120,
-        num_eval_samples=12, global_step=45, weights_step=40, train_metrics={"train_loss": 1.23456, "train_runtime": 100.0},
+        num_eval_samples=12, global_step=45, weights_step=40,
+        train_metrics={"train_loss": 1.23456, "train_runtime": 100.0},
         eval_metrics={"eval_loss": 1.1, "eval_rougeL": 31.234, "eval_cider": 55.5, "epoch": 3.0},
         best_model_checkpoint=str(tmp_path / "checkpoint-40"), best_metric=33.3,
         launch_command="torchrun ... internvl/train/internvl_chat_finetune.py --use_llm_lora 32",

@@ -28,7 +28,8 @@ DATA_OPTIONS = dict(min_num_frame=3, max_num_frame=3, max_seq_length=4096)
 def test_the_marks_hold_exactly_the_supervised_tokens(tiny_tokenizer):
     """Two answers of a two-turn conversation, each marked on its own; nothing else is marked."""
     pieces = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello there.<|im_end|>",
-              "\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n", "A red circle.<|im_end|>", "\n"]  # fmt: skip
+              "\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n", "A red circle.<|im_end|>",
+              "\n"]  # fmt: skip
     ids, labels = [], []
     for index, piece in enumerate(pieces):
         piece_ids = tiny_tokenizer(piece, add_special_tokens=False)["input_ids"]
