@@ -4,6 +4,7 @@
     GPUS=4 BATCH_SIZE=64 python scripts/test_internvl3_setup.py  # the launcher's environment variables
     python scripts/test_internvl3_setup.py --model-path models/InternVL3-8B --full --json
     python scripts/test_internvl3_setup.py -- --max_num_frame 16  # training arguments, as given to the launcher
+    python scripts/test_internvl3_setup.py --preview              # then the first training sample, as the model sees it
 
 Settings come from the environment variables of scripts/finetune_internvl3_8b_4bit_lora.sh (GPUS,
 PER_DEVICE_BATCH_SIZE, BATCH_SIZE, MODEL_PATH, META_PATH, OUTPUT_DIR, LORA_RANK, DEEPSPEED_CONFIG, NNODES) with the
@@ -26,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from internvl.tools.checks import SetupSettings, run_setup_checks  # noqa: E402
+from internvl.tools.checks.preview import CONTACT_SHEET_NAME, preview_after_checks  # noqa: E402
 
 # Options that set one of the launcher's environment variables.
 ENV_OPTIONS = {
@@ -76,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     batch.add_argument("--save-total-limit", type=int, help="checkpoints kept (training --save_total_limit)")
     parser.add_argument("--full", action="store_true", help="check every referenced video/image, not a sample")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--preview", action="store_true",
+                        help="then print the first training sample as the model sees it (prompt with the supervised "
+                             f"span marked, token counts) and draw its frames to OUTPUT_DIR/{CONTACT_SHEET_NAME}")
     parser.add_argument("training_args", nargs="*", help="training arguments after --, as given to the launcher")
     return parser.parse_args(argv)
 
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.full_media_check = args.full
         report = run_setup_checks(settings)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_text())
+    if args.preview:
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            print("\n" + preview_after_checks(report, settings, settings.output_dir / CONTACT_SHEET_NAME))
     return report.exit_code
 
 

@@ -188,7 +188,6 @@ class InternVLChatModel(PreTrainedModel):
         )
         self.vision_model = get_peft_model(self.vision_model, lora_config)
         self.config.use_backbone_lora = r
-        self.vision_model.print_trainable_parameters()
 
     def wrap_llm_lora(self, r: int = 32, lora_alpha: int | None = None, lora_dropout: float = 0.05) -> None:
         """LoRA on the LLM's attention and MLP projections (the official targets for its architecture); alpha
@@ -210,7 +209,6 @@ class InternVLChatModel(PreTrainedModel):
             self.language_model = get_peft_model(self.language_model, lora_config)
         self.enable_input_require_grads()
         self.config.use_llm_lora = r
-        self.language_model.print_trainable_parameters()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the LLM decoder layers (reentrant by default: the variant that works with PEFT + ZeRO-3) and

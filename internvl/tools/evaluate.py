@@ -195,7 +195,7 @@ def _append_lines(path: Path, entries: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _batches(records: list[EvalRecord], batch_size: int):
+def batches_of_records(records: list[EvalRecord], batch_size: int):
     """Consecutive records in batches of at most ``batch_size`` sharing one system message."""
     batch: list[EvalRecord] = []
     for record in records:
@@ -222,29 +222,39 @@ def generate_predictions(
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     failures = 0
     with tqdm(total=len(records), desc=description, unit="video") as progress:
-        for batch in _batches(records, batch_size):
-            lines, ready, visuals = [], [], []
-            for record in batch:
-                line = {"id": record.id, "source": record.source, "media": record.media, "prompt": record.prompt,
-                        "reference": record.reference}  # fmt: skip
-                try:
-                    visuals.append(load_visual_input(record.media, model.config, num_frames, **record.video_metadata))
-                    ready.append(line)
-                except MEDIA_ERRORS as error:
-                    failures += 1
-                    line["error"] = f"{type(error).__name__}: {error}"
-                lines.append(line)
-            if ready:
-                prompts = [line["prompt"] for line in ready]
-                answers = generate_answers(
-                    model, tokenizer, visuals, prompts, generation_kwargs, system_message=batch[0].system_message
-                )
-                for line, answer in zip(ready, answers):
-                    line["prediction"] = answer
+        for batch in batches_of_records(records, batch_size):
+            lines = predict_batch(model, tokenizer, batch, num_frames=num_frames, generation_kwargs=generation_kwargs)
             _append_lines(predictions_path, lines)
+            failures += sum("error" in line for line in lines)
             progress.update(len(batch))
             if failures:
                 progress.set_postfix(failed=failures)
+
+
+def predict_batch(
+    model, tokenizer, batch: list[EvalRecord], *, num_frames: int, generation_kwargs: dict
+) -> list[dict]:
+    """One predictions-file line per record of ``batch`` (records sharing one system message): its ``prediction``,
+    or the ``error`` that kept its media from loading. The model generates once for the batch, or not at all when no
+    record's media loads."""
+    lines, ready, visuals = [], [], []
+    for record in batch:
+        line = {"id": record.id, "source": record.source, "media": record.media, "prompt": record.prompt,
+                "reference": record.reference}  # fmt: skip
+        try:
+            visuals.append(load_visual_input(record.media, model.config, num_frames, **record.video_metadata))
+            ready.append(line)
+        except MEDIA_ERRORS as error:
+            line["error"] = f"{type(error).__name__}: {error}"
+        lines.append(line)
+    if ready:
+        prompts = [line["prompt"] for line in ready]
+        answers = generate_answers(
+            model, tokenizer, visuals, prompts, generation_kwargs, system_message=batch[0].system_message
+        )
+        for line, answer in zip(ready, answers):
+            line["prediction"] = answer
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------

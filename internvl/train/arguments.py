@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,11 @@ from transformers.trainer_utils import IntervalStrategy
 
 from internvl.constants import CONFIGS_DIR
 from internvl.data.collate import LOSS_REDUCTIONS
+from internvl.tools.infer import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
+from internvl.tools.metrics import METRIC_NAMES
+
+# The official recipe's loader workers; more rarely help, since a sample's frames decode in one worker.
+MAX_DEFAULT_LOADER_WORKERS = 4
 
 
 @dataclass
@@ -185,6 +192,12 @@ class InternVLTrainingArguments(TrainingArguments):
     # (collecting logits over a 150k vocabulary would exhaust memory), and tokens/s needs the token count.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Drop sample keys unknown to forward()."})
     prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation computes the loss only."})
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Data loader worker processes per training process. Default: what the CPUs allow, "
+                          f"the CPUs this process may use divided by the processes on this node, 1 to "
+                          f"{MAX_DEFAULT_LOADER_WORKERS}."},
+    )
     dataloader_prefetch_factor: int | None = field(
         default=None,
         metadata={"help": "Batches each loader worker prepares ahead. Default: enough for the workers to hold one "
@@ -194,9 +207,40 @@ class InternVLTrainingArguments(TrainingArguments):
         default="non_padding",
         metadata={"help": "Count the input tokens seen (for tokens/s).", "choices": ["non_padding", "all", "no"]},
     )
+    log_level_replica: str = field(
+        default="error",
+        metadata={"help": "transformers' log level on processes other than the main one (their warnings repeat "
+                          "the main process's).",
+                  "choices": ["detail", "debug", "info", "warning", "error", "critical", "passive"]},
+    )
+    eval_generate: bool = field(
+        default=False,
+        metadata={"help": "At each evaluation, also summarize the validation videos and score the summaries with "
+                          "the evaluator's ROUGE-1/2/L, BLEU-4 and CIDEr (logged as eval_rougeL, ...; usable as "
+                          "--metric_for_best_model rougeL). Generation is slow: keep the validation set small."},
+    )
+    eval_generate_max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "With --eval_generate: most tokens per summary (greedy)."}
+    )
+    eval_generate_num_frames: int | None = field(
+        default=None,
+        metadata={"help": "With --eval_generate: frames per video, at segment middles. Default: "
+                          f"{DEFAULT_NUM_FRAMES} (the evaluator's), kept within --min_num_frame/--max_num_frame."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop when --metric_for_best_model has not improved for this many evaluations (needs "
+                          "--load_best_model_at_end True)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "With --early_stopping_patience: the least change that counts as better."}
+    )
 
     def __post_init__(self):
         self._apply_older_spellings()
+        self._check_generation_settings()
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = default_loader_workers(os.environ)
         if self.dataloader_prefetch_factor is None and self.dataloader_num_workers > 0:
             # The Trainer takes all micro-batches of an optimizer step when the step starts: have them ready.
             self.dataloader_prefetch_factor = max(
@@ -207,6 +251,26 @@ class InternVLTrainingArguments(TrainingArguments):
             print("No CUDA device found: training on CPU (--use_cpu True).", file=sys.stderr)
             self.use_cpu = True
         super().__post_init__()
+
+    def _check_generation_settings(self) -> None:
+        metric = (self.metric_for_best_model or "").removeprefix("eval_")
+        if metric in METRIC_NAMES and not self.eval_generate:
+            raise ValueError(
+                f"--metric_for_best_model {self.metric_for_best_model} is a generation metric: add --eval_generate "
+                "True so that each evaluation computes it."
+            )
+        if self.eval_generate and self.eval_strategy in ("no", IntervalStrategy.NO) and not self.do_eval:
+            raise ValueError("--eval_generate True scores generated summaries at each evaluation, and there is none: "
+                             "set --eval_strategy steps (or epoch), or --do_eval True.")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ValueError(f"--early_stopping_patience must be at least 1, got {self.early_stopping_patience}.")
+            if not self.load_best_model_at_end:
+                raise ValueError(
+                    "--early_stopping_patience needs --load_best_model_at_end True (and --metric_for_best_model, "
+                    "e.g. rougeL with --eval_generate True, or the default eval loss), so that the best checkpoint "
+                    "is kept and loaded."
+                )
 
     def _apply_older_spellings(self) -> None:
         if self.evaluation_strategy is not None:
@@ -231,6 +295,14 @@ class InternVLTrainingArguments(TrainingArguments):
                     f"--group_by_length True contradicts --train_sampling_strategy {self.train_sampling_strategy}."
                 )
             self.train_sampling_strategy = "group_by_length"
+
+
+def default_loader_workers(environ: Mapping[str, str]) -> int:
+    """Loader workers per training process: the CPUs this process may use shared among the processes of this node
+    (torchrun's ``LOCAL_WORLD_SIZE``), at least 1 and at most ``MAX_DEFAULT_LOADER_WORKERS``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(MAX_DEFAULT_LOADER_WORKERS, cpus // processes))
 
 
 def resolve_deepspeed_config(config: str | dict | None) -> str | dict | None:

@@ -3,7 +3,8 @@
 ``ThroughputMeter`` turns the trainer's counters into tokens/s, samples/s and peak GPU memory for each logging
 step; ``InternVLTrainer.log`` adds them to the logged values, so TensorBoard, ``trainer_state.json`` and
 ``training_log.txt`` all carry them. ``TrainingLogCallback`` writes ``training_log.txt``: one line per logging
-step, one per evaluation and a closing summary.
+step, one per evaluation (its loss and, with ``--eval_generate``, ROUGE / BLEU / CIDEr) and a closing summary; at
+the start it warns when ``--logging_steps`` would log nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from internvl.tools.metrics import METRIC_NAMES
+from internvl.train.run_warnings import logging_steps_warning
 
 TRAINING_LOG_NAME = "training_log.txt"
 
@@ -33,18 +37,18 @@ class ThroughputMeter(TrainerCallback):
 
     Evaluation and checkpoint saving happen right after a log; the clock restarts when they end, so they do not
     count as training time. Tokens are the non-padding input tokens of all ranks (``num_input_tokens_seen``);
-    samples are optimizer steps times the effective batch size.
+    samples are the samples of all ranks this run has trained on so far (the trainer counts them: a step can hold
+    fewer than the nominal batch, e.g. the last one of an epoch or every step of a set smaller than a batch).
     """
 
-    def __init__(self, samples_per_step: int):
-        self.samples_per_step = samples_per_step
-        self._time = self._tokens = self._step = None
+    def __init__(self):
+        self._time = self._tokens = self._samples = None
 
-    def _restart(self, state) -> None:
-        self._time, self._tokens, self._step = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+    def _restart(self, state, samples_seen: int) -> None:
+        self._time, self._tokens, self._samples = time.perf_counter(), state.num_input_tokens_seen, samples_seen
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._restart(state)
+        self._restart(state, samples_seen=0)
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._time = time.perf_counter()
@@ -52,19 +56,20 @@ class ThroughputMeter(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self._time = time.perf_counter()
 
-    def measure(self, state) -> dict[str, float]:
-        """Throughput since the previous call (or the start of training); restarts the measurement."""
+    def measure(self, state, samples_seen: int) -> dict[str, float]:
+        """Throughput since the previous call (or the start of training); restarts the measurement.
+        ``samples_seen``: the samples trained on by all ranks since this run started."""
         if self._time is None:
             return {}
         elapsed = max(time.perf_counter() - self._time, 1e-9)
         values = {
             "tokens_per_second": (state.num_input_tokens_seen - self._tokens) / elapsed,
-            "samples_per_second": (state.global_step - self._step) * self.samples_per_step / elapsed,
+            "samples_per_second": (samples_seen - self._samples) / elapsed,
         }
         peak = peak_gpu_memory_gib()
         if peak is not None:
             values["peak_gpu_memory_gib"] = peak
-        self._restart(state)
+        self._restart(state, samples_seen)
         return values
 
 
@@ -80,6 +85,13 @@ def format_train_line(step: int, max_steps: int, logs: dict) -> str:
         f"samples/s {logs.get('samples_per_second', 0.0):.3f}",
         f"peak_gpu_mem {peak:.2f} GiB" if peak is not None else "peak_gpu_mem n/a (cpu)",
     ]
+    return " | ".join(fields)
+
+
+def format_eval_line(step: int, max_steps: int, logs: dict) -> str:
+    """The evaluation's loss and, with ``--eval_generate``, its generation metrics."""
+    fields = [f"eval  step {step}/{max_steps}", f"eval_loss {logs['eval_loss']:.4f}"]
+    fields += [f"{name} {logs['eval_' + name]:.2f}" for name in METRIC_NAMES if f"eval_{name}" in logs]
     return " | ".join(fields)
 
 
@@ -103,6 +115,9 @@ class TrainingLogCallback(TrainerCallback):
         if state.is_world_process_zero:
             start = f"resuming at step {state.global_step}" if state.global_step else "starting"
             self._write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {start}, {state.max_steps} optimizer steps in all")
+            warning = logging_steps_warning(args, state)
+            if warning:
+                print(warning, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -113,7 +128,7 @@ class TrainingLogCallback(TrainerCallback):
             self._last_step = state.global_step
             self._write(format_train_line(state.global_step, state.max_steps, logs))
         elif "eval_loss" in logs:
-            self._write(f"eval  step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}")
+            self._write(format_eval_line(state.global_step, state.max_steps, logs))
         elif "train_runtime" in logs:
             logged_steps = self._last_step - self._first_step
             mean = f"{self._loss_sum / logged_steps:.4f}" if logged_steps else "n/a (no step logged)"

@@ -37,6 +37,7 @@ from internvl.model.adapters import ADAPTER_FOLDERS, NON_LORA_WEIGHTS_NAME
 TRAINER_STATE_NAME = "trainer_state.json"
 # DeepSpeed's checkpoint names the folder (tag) holding its partitions in this file.
 DEEPSPEED_LATEST_NAME = "latest"
+PEFT_MODEL_CARD_NAME = "README.md"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -100,7 +101,8 @@ def _save_peft_adapter(peft_model: PeftModel, adapter_state: dict[str, torch.Ten
             scratch, state_dict=adapter_state, safe_serialization=True, save_embedding_layers=False
         )
         for file in scratch.iterdir():
-            if file.is_file():
+            # peft's README.md is an empty template; the run writes its own model card (internvl.train.model_card).
+            if file.is_file() and file.name != PEFT_MODEL_CARD_NAME:
                 honour_umask(file)
                 os.replace(file, target / file.name)
     finally:

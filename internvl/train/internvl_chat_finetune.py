@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable.
+    # Started as a file (``torchrun internvl/train/internvl_chat_finetune.py``): make the package importable, and
+    # import it before transformers, which loads bitsandbytes, so that its log filters (internvl.log_filters) apply.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import internvl  # noqa: F401
 
 import os
 import shlex
@@ -30,13 +32,16 @@ import warnings
 from contextlib import nullcontext
 
 import torch
-from transformers import set_seed
+import transformers
+from transformers import EarlyStoppingCallback, set_seed
 
 from internvl.data.collate import InternVLDataCollator
 from internvl.data.dataset import DatasetHealthError, build_datasets
 from internvl.model.fusion import apply_liger_kernels, check_liger_usable, compile_decoder_layers
 from internvl.model.loading import load_internvl_model, load_tokenizer
-from internvl.tools.plots import plot_training_curves
+from internvl.tools.evaluate import load_eval_records
+from internvl.tools.infer import generation_config
+from internvl.tools.plots import load_loss_history, plot_training_curves
 from internvl.train.arguments import (
     DataTrainingArguments,
     InternVLTrainingArguments,
@@ -45,6 +50,8 @@ from internvl.train.arguments import (
 )
 from internvl.train.callbacks import TRAINING_LOG_NAME, TrainingLogCallback
 from internvl.train.checkpoint import last_complete_checkpoint, list_checkpoints
+from internvl.train.deepspeed_ops import build_announcement, use_environment_build_cache
+from internvl.train.generation_metrics import GenerationEvaluation, default_num_frames
 from internvl.train.launch import CUDA_ARCH_LIST_ENV, LAUNCH_COMMAND_ENV, deepspeed_compatible_arch_list
 from internvl.train.memory_budget import leave_layers_out_of_checkpointing
 from internvl.train.run_guard import (
@@ -54,6 +61,8 @@ from internvl.train.run_guard import (
     resume_checkpoint,
     save_run_record,
 )
+from internvl.train.model_card import RunSummary, write_model_card
+from internvl.train.run_warnings import dataset_size_warnings
 from internvl.train.trainer import InternVLTrainer
 
 COMMAND_NAME = "command.txt"
@@ -221,9 +230,17 @@ def count_over_ranks(count: int) -> int:
     return int(total.item())
 
 
-def eval_metrics_of_last_step(trainer) -> dict | None:
+def step_of_final_weights(trainer) -> int:
+    """The optimizer step whose weights the model holds: the best checkpoint's with ``--load_best_model_at_end``."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.rsplit("-", 1)[1])
+    return trainer.state.global_step
+
+
+def eval_metrics_of_final_weights(trainer) -> dict | None:
     """The metrics of the periodic evaluation if it already ran on the final weights (no need to run it again)."""
-    step = trainer.state.global_step
+    step = step_of_final_weights(trainer)
     for entry in reversed(trainer.state.log_history):
         if step and entry.get("step") == step and "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
@@ -233,10 +250,46 @@ def eval_metrics_of_last_step(trainer) -> dict | None:
 def write_loss_curves(output_dir: Path) -> str:
     """For headless servers: the loss curves as a picture, without starting TensorBoard. Returns what to print."""
     try:
-        return f"Loss curves: {plot_training_curves(output_dir)}"
+        history = load_loss_history(output_dir)
     except FileNotFoundError:
         # Nothing was logged: fewer optimizer steps than --logging_steps, and no evaluation.
         return "No loss curves: no loss was logged (fewer optimizer steps than --logging_steps)."
+    path = plot_training_curves(output_dir)
+    if history.too_short_for_a_curve:
+        return f"No loss curve: fewer than two losses were logged (lower --logging_steps); {path} says so."
+    return f"Loss curves: {path}"
+
+
+def build_generation_evaluation(
+    data_args: DataTrainingArguments, training_args: InternVLTrainingArguments
+) -> GenerationEvaluation | None:
+    """With ``--eval_generate``: the validation records to summarize at each evaluation (read now, so that a record
+    unfit for generation stops the run before the model loads)."""
+    if not training_args.eval_generate:
+        return None
+    records, _ = load_eval_records(meta_path=data_args.meta_path)
+    return GenerationEvaluation(
+        records=records,
+        num_frames=training_args.eval_generate_num_frames
+        or default_num_frames(data_args.min_num_frame, data_args.max_num_frame),
+        generation_kwargs=generation_config(training_args.eval_generate_max_new_tokens),
+        batch_size=training_args.per_device_eval_batch_size,
+    )
+
+
+def early_stopping(training_args: InternVLTrainingArguments) -> list[EarlyStoppingCallback]:
+    if training_args.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)]
+
+
+def last_launch_command(output_dir: Path) -> str | None:
+    """The newest command recorded in ``command.txt``."""
+    path = output_dir / COMMAND_NAME
+    if not path.is_file():
+        return None
+    commands = [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    return commands[-1] if commands else None
 
 
 def write_run_record(output_dir: Path, argv: list[str], record: dict, world_size: int) -> None:
@@ -259,7 +312,10 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
         os.environ[CUDA_ARCH_LIST_ENV], note = arch_list
         log(note)
     warnings.filterwarnings("ignore", message=DEEPSPEED_COLLECTIVE_DEPRECATION, category=FutureWarning)
+    use_environment_build_cache()  # before DeepSpeed builds any op
     model_args, data_args, training_args = parse_args(argv)
+    # From here on, transformers' warnings come from the main process only (the others would repeat them).
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     check_arguments(model_args, training_args)
     record, notes = preflight(model_args, data_args, training_args, training_args.world_size)
     for note in notes:
@@ -272,6 +328,10 @@ def main(argv: list[str] | None = None, trainer_class: type[InternVLTrainer] = I
 
 def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class: type[InternVLTrainer]) -> None:
     model_args, data_args, training_args = args
+    generation_evaluation = build_generation_evaluation(data_args, training_args)
+    build_note = build_announcement(training_args.hf_deepspeed_config.config if training_args.deepspeed else None)
+    if build_note and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node builds its own
+        print(build_note, flush=True)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     resume_from = prepare_output_dir(training_args) if training_args.do_train else None
@@ -308,6 +368,9 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
             "records (a dataset whose name ends in '_val', with at least one record); add one, or drop --do_eval and "
             "set --eval_strategy no."
         )
+    for warning in dataset_size_warnings(len(train_dataset), len(eval_dataset) if evaluating else None,
+                                         training_args):  # fmt: skip
+        log(warning)
 
     trainer = trainer_class(
         model=model,
@@ -316,8 +379,9 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
         eval_dataset=eval_dataset if evaluating else None,
         data_collator=InternVLDataCollator(pad_token_id=tokenizer.pad_token_id, **data_args.collator_options()),
         processing_class=tokenizer,
-        callbacks=[TrainingLogCallback(output_dir), RunRecordCallback(record)],
+        callbacks=[TrainingLogCallback(output_dir), RunRecordCallback(record), *early_stopping(training_args)],
         base_model_path=model_args.model_name_or_path,
+        generation_evaluation=generation_evaluation,
     )
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -339,12 +403,21 @@ def train_and_evaluate(argv: list[str], args: tuple, record: dict, trainer_class
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
-        metrics = eval_metrics_of_last_step(trainer) or trainer.evaluate()
+        metrics = eval_metrics_of_final_weights(trainer) or trainer.evaluate()
         metrics["eval_bad_samples"] = count_over_ranks(eval_dataset.bad_samples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.do_train and training_args.should_save:
         log(write_loss_curves(output_dir))
+        summary = RunSummary(
+            model_args=model_args, data_args=data_args, training_args=training_args,
+            num_train_samples=len(train_dataset), num_eval_samples=len(eval_dataset) if evaluating else None,
+            global_step=trainer.state.global_step, weights_step=step_of_final_weights(trainer),
+            train_metrics=result.metrics,
+            eval_metrics=eval_metrics_of_final_weights(trainer), best_metric=trainer.state.best_metric,
+            best_model_checkpoint=trainer.state.best_model_checkpoint, launch_command=last_launch_command(output_dir),
+        )  # fmt: skip
+        log(f"Model card: {write_model_card(summary, output_dir)}")
     log(f"Outputs are in {output_dir}")
 
 

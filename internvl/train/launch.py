@@ -151,7 +151,6 @@ def resolve_plan(env: Mapping[str, str], extra_args: list[str], visible_gpus: in
         "--freeze_backbone", "True",
         "--use_llm_lora", str(_positive_int(env, "LORA_RANK")),
         "--vision_select_layer", "-1",
-        "--dataloader_num_workers", "4",
         "--bf16", "True",
         "--num_train_epochs", env.get("EPOCHS") or DEFAULTS["EPOCHS"],
         "--per_device_train_batch_size", str(per_device),

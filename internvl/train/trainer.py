@@ -15,11 +15,16 @@ Changes to the stock trainer:
   on how a step is split into batches, accumulation steps or processes, and the logged loss is the step's weighted
   mean per token;
 - evaluation asks the model for the loss only (``prediction_loss_only``), so no [batch, length, vocab] logits;
+  with a ``generation_evaluation`` (``--eval_generate True``) it then generates summaries of the validation records
+  and adds their ROUGE / BLEU / CIDEr to the evaluation's metrics (``eval_rougeL``, ...), which
+  ``--metric_for_best_model`` and early stopping can use;
 - an evaluation set of which no sample can be built skips that evaluation with a warning instead of ending the run
   (``internvl.data.dataset`` skips the samples that fail and counts them);
 - a checkpoint or final save that fails (a full disk) is one ``CheckpointWriteError`` naming the folder, the last
   file written and the free space, and the incomplete checkpoint is removed;
-- logged values include tokens/s, samples/s and peak GPU memory;
+- the best checkpoint (``--load_best_model_at_end``) is loaded from the trained weights a checkpoint holds when
+  DeepSpeed is off (the stock trainer looks for a whole model or a top-level peft adapter);
+- logged values include tokens/s, samples/s (of the samples trained on, counted per batch) and peak GPU memory;
 - training stops before its first step if a DeepSpeed ZeRO-3 leaf module would drop gradients
   (``check_zero3_leaf_modules``).
 """
@@ -39,7 +44,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from internvl.constants import IGNORE_INDEX
 from internvl.data.dataset import NoEvaluationSampleError
-from internvl.data.packing import packed_token_mask
+from internvl.data.packing import packed_token_mask, sample_lengths
 from internvl.train.callbacks import ThroughputMeter
 from internvl.train.checkpoint import (
     TRAINER_STATE_NAME,
@@ -49,6 +54,7 @@ from internvl.train.checkpoint import (
     load_trained_weights,
     save_trained_weights,
 )
+from internvl.train.generation_metrics import GenerationEvaluation, write_generations
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +154,15 @@ class _SamplerEpoch(TrainerCallback):
 
 
 class InternVLTrainer(Trainer):
-    def __init__(self, *args, model, base_model_path: str, **kwargs):
+    def __init__(
+        self, *args, model, base_model_path: str, generation_evaluation: GenerationEvaluation | None = None, **kwargs
+    ):
         with _adapters_visible_to_quantization_check(model):
             super().__init__(*args, model=model, **kwargs)
         self.base_model_path = base_model_path
-        self.throughput = ThroughputMeter(samples_per_step=self.effective_batch_size)
+        self.generation_evaluation = generation_evaluation
+        self.throughput = ThroughputMeter()
+        self._samples_seen_here = 0  # training samples of this process in this run
         self.add_callback(self.throughput)
         self.add_callback(_Zero3LeafCheck())
         self.length_grouped_sampler: EpochSeededLengthGroupedSampler | None = None
@@ -200,9 +210,15 @@ class InternVLTrainer(Trainer):
     def _track_num_input_tokens(self, inputs) -> None:
         # A packed batch has no attention mask (see internvl.data.packing); without one the stock count would fall
         # back to counting the main input, pixel_values.
+        self._samples_seen_here += len(sample_lengths(inputs))
         if "attention_mask" not in inputs and "position_ids" in inputs:
             inputs = {**inputs, "attention_mask": packed_token_mask(inputs["position_ids"])}
         super()._track_num_input_tokens(inputs)
+
+    def _samples_seen(self) -> int:
+        """Training samples of all processes in this run (every process logs at the same steps)."""
+        count = torch.tensor(self._samples_seen_here, device=self.args.device, dtype=torch.int64)
+        return int(self.accelerator.reduce(count, reduction="sum").item())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.prediction_loss_only and not model.training:
@@ -243,11 +259,26 @@ class InternVLTrainer(Trainer):
                            "warning above); training goes on", self.state.global_step)
             return {}
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):  # fmt: skip
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_evaluation is not None:  # the loop left the model in eval mode (no dropout)
+            scores, lines = self.generation_evaluation.run(self.model, self.processing_class)
+            output.metrics.update({f"{metric_key_prefix}_{name}": score for name, score in scores.items()})
+            if self.args.should_save:
+                write_generations(self.args.output_dir, self.state.global_step, lines, scores)
+        return output
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # DeepSpeed's own checkpoint holds the weights
+            return super()._load_best_model()
+        load_trained_weights(self.model, self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Resuming without DeepSpeed: the checkpoint holds the trained weights only (see save_model).
         load_trained_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs.update(self.throughput.measure(self.state))
+            logs.update(self.throughput.measure(self.state, self._samples_seen()))
         super().log(logs, start_time)

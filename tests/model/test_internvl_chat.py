@@ -361,3 +361,13 @@ def test_frozen_vision_tower_runs_without_autograd(tiny_model):
         hook.remove()
         for param in tiny_model.parameters():
             param.requires_grad_(True)
+
+
+def test_wrapping_lora_prints_no_parameter_count_of_its_own(tiny_model_dir, capsys):
+    """peft's count (which takes a packed 4-bit element for one weight) would contradict the recipe's, the one
+    printed."""
+    model = InternVLChatModel.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    capsys.readouterr()
+    model.wrap_llm_lora(r=4)
+    model.wrap_backbone_lora(r=4)
+    assert capsys.readouterr().out == ""

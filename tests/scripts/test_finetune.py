@@ -171,12 +171,26 @@ def run_small_guide_command(model_dir, meta, output_dir, *extra: str, **values: 
     return result
 
 
+# Known-benign messages that each process printed (some at every loader start), and peft's parameter count.
+SILENCED = ["is deprecated. Please use `torch.distributed", "kernels-community", "Gradient accumulation steps mismatch",
+            "No CUDA runtime is found", "trainable params:"]  # fmt: skip
+
+
 def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir, demo_meta, tmp_path):
+    """The guide's command, with generation metrics at each evaluation choosing the best checkpoint."""
     output_dir = tmp_path / "run"
-    result = run_small_guide_command(tiny_model_dir, demo_meta, output_dir, num_train_epochs="3",
-                                     per_device_train_batch_size="1", eval_steps="3", save_steps="3")  # fmt: skip
-    # DeepSpeed's deprecated torch.distributed calls would otherwise warn on every step of every process.
-    assert "is deprecated. Please use `torch.distributed" not in result.stdout + result.stderr
+    result = run_small_guide_command(
+        tiny_model_dir, demo_meta, output_dir, "--eval_generate", "True", "--eval_generate_max_new_tokens", "8",
+        "--metric_for_best_model", "rougeL", "--load_best_model_at_end", "True",
+        num_train_epochs="3", per_device_train_batch_size="1", eval_steps="3", save_steps="3",
+    )  # fmt: skip
+    console = result.stdout + result.stderr
+    for message in SILENCED:
+        assert message not in console, message
+    # Said once, by the main process: one parameter count, the small validation set (1 record).
+    assert console.count("Trainable parameters:") == 1
+    assert console.count("Warning: the validation set has 1 record") == 1
+    assert console.count("Compiling DeepSpeed's") <= 1
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     steps = state["global_step"]
@@ -193,7 +207,18 @@ def test_guide_command_trains_with_zero3_offload_on_two_processes(tiny_model_dir
     checkpoint = output_dir / f"checkpoint-{steps}"
     partitions = sorted(p.name for p in checkpoint.glob(f"global_step{steps}/*optim_states.pt"))
     assert partitions == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
-    check_adapter_matches_optimizer_weights(output_dir, checkpoint)
+    # Each evaluation generated and scored summaries on both processes; the saved adapter is the best checkpoint's.
+    rouge = {e["step"]: e["eval_rougeL"] for e in state["log_history"] if "eval_rougeL" in e}
+    assert sorted(rouge) == [3, 6, 9] and sorted(p.name for p in (output_dir / "eval_generations").iterdir()) == [
+        "step-3.jsonl", "step-6.jsonl", "step-9.jsonl"
+    ]
+    best_step = max(rouge, key=lambda step: (rouge[step], -step))
+    assert state["best_model_checkpoint"] == str(output_dir / f"checkpoint-{best_step}")
+    check_adapter_matches_optimizer_weights(output_dir, output_dir / f"checkpoint-{best_step}")
+    assert "| rougeL " in log
+    card = (output_dir / "README.md").read_text()
+    assert f"base_model: {tiny_model_dir}" in card and "More Information Needed" not in card
+    assert f"best checkpoint by rougeL: `checkpoint-{best_step}`" in card
 
     config = json.loads((output_dir / "config.json").read_text())
     assert config["use_llm_lora"] == 32

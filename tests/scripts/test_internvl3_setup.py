@@ -194,3 +194,22 @@ def test_empty_validation_split_trains_without_evaluation(monkeypatch, capsys, s
 def test_output_folder_that_is_the_base_model(monkeypatch, capsys, setup_copy):
     code, output = run_cli(monkeypatch, capsys, setup_copy, OUTPUT_DIR=str(setup_copy / "model"))
     assert_one_failure(code, output, "output folder", "is the base model folder")
+
+
+def test_preview_prints_the_first_sample_and_draws_its_frames(monkeypatch, capsys, good_setup, tmp_path):
+    code, output = run_cli(monkeypatch, capsys, good_setup, "--preview", "--output-dir", str(tmp_path / "run"))
+    assert code == 0, output
+    preview = output[output.index("First training sample: "):]
+    assert re.search(r"\d+ tokens of max_seq_length \d+: \d+ image tokens \(\d frames x \d+\)", preview)
+    answer = json.loads(annotation_path(good_setup / "data").read_text().splitlines()[0])["conversations"][-1]
+    assert f"[[{answer['value']}<|im_end|>]]" in preview  # the first record's answer, and only it, is supervised
+    rendered = preview.split("\n\n", 1)[1]  # after the header lines
+    assert rendered.count("[[") == rendered.count("]]") == 1 and IMG_CONTEXT_TOKEN not in rendered
+    assert (tmp_path / "run" / "first_sample_frames.png").stat().st_size > 1000
+
+
+def test_no_preview_when_the_data_fails(monkeypatch, capsys, setup_copy):
+    (setup_copy / "data" / "meta.json").write_text("{")
+    code, output = run_cli(monkeypatch, capsys, setup_copy, "--preview")
+    assert code == 1
+    assert "No preview of the first sample: fix " in output and "First training sample" not in output

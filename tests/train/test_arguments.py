@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from internvl.train import arguments
 from internvl.train.arguments import CONFIGS_DIR, parse_args, resolve_deepspeed_config
 from tests.scripts.test_finetune import guide_training_args
 
@@ -178,3 +179,21 @@ def test_deepspeed_auto_values_are_filled_from_the_command_line():
 def test_loader_workers_hold_one_optimizer_step_of_micro_batches(extra, prefetch):
     _, _, training_args = parse_args(MINIMAL + extra)
     assert training_args.dataloader_prefetch_factor == prefetch
+
+
+@pytest.mark.parametrize(
+    "cpus, processes, workers",
+    [(2, "2", 1), (2, None, 2), (1, "4", 1), (16, "2", 4), (64, "8", 4)],
+)
+def test_loader_workers_default_to_what_the_cpus_allow(monkeypatch, cpus, processes, workers):
+    """torch warns once per loader start and process when a process has more workers than CPUs; the default never
+    asks for more than the CPUs shared among this node's processes (and the official 4 at most)."""
+    monkeypatch.setattr(arguments.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    _, _, training_args = parse_args(MINIMAL)
+    assert training_args.dataloader_num_workers == workers
+    _, _, training_args = parse_args(MINIMAL + ["--dataloader_num_workers", "3"])
+    assert training_args.dataloader_num_workers == 3  # a value given is kept

@@ -25,58 +25,69 @@ def clock(monkeypatch):
     return fake
 
 
+LOG_EVERY_STEP = SimpleNamespace(logging_strategy="steps", logging_steps=1)
+
+
 def state(step: int, tokens: int, **extra) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, num_input_tokens_seen=tokens, max_steps=50, is_world_process_zero=True,
-                           **extra)  # fmt: skip
+                           logging_steps=1, **extra)  # fmt: skip
 
 
 def test_throughput_between_logging_steps(clock):
-    meter = ThroughputMeter(samples_per_step=8)
+    meter = ThroughputMeter()
     meter.on_train_begin(None, state(0, 0), None)
     clock.now += 4.0
-    values = meter.measure(state(10, 20_000))
+    values = meter.measure(state(10, 20_000), samples_seen=80)
     assert values["tokens_per_second"] == pytest.approx(5000.0)
-    assert values["samples_per_second"] == pytest.approx(10 * 8 / 4.0)
+    assert values["samples_per_second"] == pytest.approx(80 / 4.0)
     # The next measurement starts where this one ended.
     clock.now += 2.0
-    values = meter.measure(state(12, 21_000))
+    values = meter.measure(state(12, 21_000), samples_seen=96)
     assert values["tokens_per_second"] == pytest.approx(500.0)
     assert values["samples_per_second"] == pytest.approx(8.0)
 
 
+def test_samples_per_second_counts_the_samples_trained_on_not_the_nominal_batch(clock):
+    """Five samples and a nominal batch of 32: one optimizer step per epoch of five samples, not 32."""
+    meter = ThroughputMeter()
+    meter.on_train_begin(None, state(0, 0), None)
+    clock.now += 10.0
+    assert meter.measure(state(1, 500), samples_seen=5)["samples_per_second"] == pytest.approx(0.5)
+
+
 def test_evaluation_and_saving_time_do_not_count_as_training(clock):
-    meter = ThroughputMeter(samples_per_step=1)
+    meter = ThroughputMeter()
     meter.on_train_begin(None, state(0, 0), None)
     clock.now += 1.0
-    meter.measure(state(1, 100))
+    meter.measure(state(1, 100), samples_seen=1)
     clock.now += 30.0  # evaluation right after the log
     meter.on_evaluate(None, state(1, 100), None)
     clock.now += 20.0  # checkpoint save
     meter.on_save(None, state(1, 100), None)
     clock.now += 1.0
-    assert meter.measure(state(2, 200))["tokens_per_second"] == pytest.approx(100.0)
+    assert meter.measure(state(2, 200), samples_seen=2)["tokens_per_second"] == pytest.approx(100.0)
 
 
 def test_resumed_run_measures_from_the_resumed_counters(clock):
-    meter = ThroughputMeter(samples_per_step=2)
-    meter.on_train_begin(None, state(40, 80_000), None)
+    meter = ThroughputMeter()
+    meter.on_train_begin(None, state(40, 80_000), None)  # the sample count starts again with the run
     clock.now += 2.0
-    values = meter.measure(state(41, 81_000))
+    values = meter.measure(state(41, 81_000), samples_seen=2)
     assert values["tokens_per_second"] == pytest.approx(500.0)
     assert values["samples_per_second"] == pytest.approx(1.0)
 
 
 def test_no_gpu_means_no_memory_value(clock, monkeypatch):
     monkeypatch.setattr(callbacks.torch.cuda, "is_available", lambda: False)
-    meter = ThroughputMeter(samples_per_step=1)
+    meter = ThroughputMeter()
     meter.on_train_begin(None, state(0, 0), None)
     clock.now += 1.0
-    assert "peak_gpu_memory_gib" not in meter.measure(state(1, 1))
+    assert "peak_gpu_memory_gib" not in meter.measure(state(1, 1), samples_seen=1)
 
 
 def test_training_log_lines(tmp_path):
     log = TrainingLogCallback(tmp_path)
-    log.on_train_begin(None, state(0, 0), None)
+    log.on_train_begin(LOG_EVERY_STEP, state(0, 0), None)
     train_logs = {"loss": 1.23456, "learning_rate": 2e-5, "grad_norm": 0.5, "epoch": 0.25, "tokens_per_second": 1234.5,
                   "samples_per_second": 3.25, "peak_gpu_memory_gib": 12.5}  # fmt: skip
     log.on_log(None, state(10, 0), None, logs=train_logs)
@@ -96,7 +107,7 @@ def test_training_log_lines(tmp_path):
 
 def test_mean_loss_of_a_resumed_run_covers_its_own_steps(tmp_path):
     log = TrainingLogCallback(tmp_path)
-    log.on_train_begin(None, state(40, 0), None)
+    log.on_train_begin(LOG_EVERY_STEP, state(40, 0), None)
     log.on_log(None, state(45, 0), None, logs={"loss": 2.0})
     log.on_log(None, state(50, 0), None, logs={"loss": 1.0})
     log.on_log(None, state(50, 0), None, logs={"train_runtime": 5.0, "train_loss": 0.3})
@@ -107,7 +118,7 @@ def test_mean_loss_of_a_resumed_run_covers_its_own_steps(tmp_path):
 
 def test_summary_counts_every_step_and_averages_the_logged_ones(tmp_path):
     log = TrainingLogCallback(tmp_path)
-    log.on_train_begin(None, state(0, 0), None)
+    log.on_train_begin(LOG_EVERY_STEP, state(0, 0), None)
     log.on_log(None, state(10, 0), None, logs={"loss": 2.0})  # steps 11-15 end before the next logging step
     log.on_log(None, state(15, 0), None, logs={"train_runtime": 3.0})
     assert (tmp_path / TRAINING_LOG_NAME).read_text().splitlines()[-1] == (
@@ -115,7 +126,7 @@ def test_summary_counts_every_step_and_averages_the_logged_ones(tmp_path):
     )
 
     short = TrainingLogCallback(tmp_path / "short")  # fewer steps than --logging_steps: no loss at all
-    short.on_train_begin(None, state(0, 0), None)
+    short.on_train_begin(LOG_EVERY_STEP, state(0, 0), None)
     short.on_log(None, state(3, 0), None, logs={"train_runtime": 1.0})
     assert (tmp_path / "short" / TRAINING_LOG_NAME).read_text().splitlines()[-1] == (
         "# done: step 3/50, 3 steps in 1.0 s this run, mean loss n/a (no step logged)"

@@ -90,7 +90,12 @@ def test_loss_curves_or_why_there_are_none(tmp_path):
     assert "--logging_steps" in write_loss_curves(tmp_path)
     assert not (tmp_path / "loss_curves.png").exists()
 
-    state["log_history"].insert(0, {"step": 3, "loss": 2.0})
+    state["log_history"].insert(0, {"step": 3, "loss": 2.0})  # one point: a note, not a dot
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert write_loss_curves(tmp_path).startswith("No loss curve: fewer than two losses were logged")
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+    state["log_history"].insert(0, {"step": 2, "loss": 2.5})
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     assert write_loss_curves(tmp_path) == f"Loss curves: {tmp_path / 'loss_curves.png'}"
     assert (tmp_path / "loss_curves.png").stat().st_size > 0

@@ -14,7 +14,7 @@ import pytest
 
 from internvl.data.dataset import META_FOLDER
 from internvl.train import launch
-from internvl.train.arguments import parse_args
+from internvl.train.arguments import default_loader_workers, parse_args
 from internvl.train.launch import (
     FINETUNE_SCRIPT,
     choose_master_port,
@@ -144,7 +144,7 @@ def test_no_speed_note_for_other_stages_cpu_runs_or_unreadable_configs(env, extr
 
 def test_default_launch_means_the_guide_command(tmp_path):
     """Spelled with the new flag names, the launcher's default run is the guide's, except that it resumes instead
-    of overwriting the output folder."""
+    of overwriting the output folder and that its loader workers are what the CPUs allow, not always 4."""
     meta = write_split_meta(tmp_path)
     guide = guide_training_args()
     guide[guide.index("--meta_path") + 1] = str(meta)
@@ -156,6 +156,9 @@ def test_default_launch_means_the_guide_command(tmp_path):
     # The guide spells two of them the old way; both land on the same new fields.
     for old_spelling in ("evaluation_strategy", "warmup_ratio"):
         launched_training.pop(old_spelling), expected_training.pop(old_spelling)
+    assert expected_training.pop("dataloader_num_workers") == 4
+    assert launched_training.pop("dataloader_num_workers") == default_loader_workers(os.environ)
+    launched_training.pop("dataloader_prefetch_factor"), expected_training.pop("dataloader_prefetch_factor")
     assert launched_training == expected_training
 
 

@@ -189,7 +189,8 @@ def test_an_evaluation_set_that_cannot_be_built_skips_the_evaluation(lora_model,
                for name in ("chat", "chat_val")}  # fmt: skip
     write_meta(tmp_path / "meta.json", entries)
     _, evaluation = build_datasets(tmp_path / "meta.json", tiny_tokenizer)
-    trainer = make_trainer(lora_model, LengthsOnlyDataset([1] * 4), tmp_path)
+    # Samples built in this process, so that their warnings reach caplog (a loader worker prints its own).
+    trainer = make_trainer(lora_model, LengthsOnlyDataset([1] * 4), tmp_path, "--dataloader_num_workers", "0")
     with caplog.at_level(logging.WARNING):
         assert trainer.evaluate(evaluation) == {}
     assert "skipping bad evaluation sample chat_val chat_val.jsonl:1" in caplog.text
@@ -282,6 +283,20 @@ def test_gradients_do_not_depend_on_how_the_step_is_split(
         # The logged loss is the step's (weighted) mean per token, however the step was split.
         assert logged_loss == pytest.approx(loss, abs=1e-5)
         assert tokens_seen == sum(len(sample["input_ids"]) for sample in samples)
+
+
+@pytest.mark.parametrize("packing", [[], ["--use_packed_ds", "True", "--max_seq_length", "4096"]])
+def test_samples_seen_are_the_samples_trained_on(tiny_lora_model, tiny_tokenizer, tiny_video_samples, tmp_path,
+                                                 packing):  # fmt: skip
+    """Three samples in a step of nominally 2 x 2: samples/s counts three, packed into rows or not."""
+    _, data_args, args = parse_args(one_step_args(tmp_path, 2, 2, *packing))
+    collator = InternVLDataCollator(tiny_tokenizer.pad_token_id, **data_args.collator_options())
+    trainer = InternVLTrainer(model=tiny_lora_model, args=args, train_dataset=ListDataset(tiny_video_samples[:3]),
+                              data_collator=collator, base_model_path="m")  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.effective_batch_size == 4 * args.world_size
+    assert trainer._samples_seen() == 3
+    assert trainer.state.log_history[0]["samples_per_second"] > 0
 
 
 def test_evaluation_computes_the_loss_without_full_logits(

@@ -101,6 +101,12 @@ def _most_answer_tokens(tokenizer, answer_texts: list[list[str]]) -> int:
     return max(sum(next(counts) + 1 for _ in answers) for answers in answer_texts)
 
 
+def num_image_token_for(model_config, data_args) -> int:
+    """``<IMG_CONTEXT>`` tokens per tile of the run: the model's, at the run's ``--force_image_size``."""
+    patch = model_config.vision_config.patch_size
+    return int((data_args.force_image_size // patch) ** 2 * model_config.downsample_ratio**2)
+
+
 def _check_batch(context: CheckContext) -> list[CheckResult]:
     """Build the longest training micro-batch, and the longest evaluation one when the run evaluates, through the
     project's dataset and collator, as training will."""
@@ -112,8 +118,7 @@ def _check_batch(context: CheckContext) -> list[CheckResult]:
     from internvl.data.dataset import build_datasets
 
     s, data_args = context.settings, context.settings.data_args
-    patch = model_config.vision_config.patch_size
-    num_image_token = int((data_args.force_image_size // patch) ** 2 * model_config.downsample_ratio**2)
+    num_image_token = num_image_token_for(model_config, data_args)
     collate = InternVLDataCollator(pad_token_id=tokenizer.pad_token_id)
     try:
         train, evaluation = build_datasets(

@@ -91,7 +91,7 @@ def check_config(context: CheckContext) -> Checked:
         results.append(ok(name, f"{path}: ZeRO stage {stage}, offload parameters={offload['offload_param']}, "
                                 f"optimizer={offload['offload_optimizer']}"))
     results += _check_batch_settings(settings, config)
-    results += _check_ops(offload["offload_optimizer"] == "cpu")
+    results += _check_ops(config)
     return results, replace(context, deepspeed_config=config)
 
 
@@ -127,14 +127,22 @@ def _check_batch_settings(s: SetupSettings, config: dict) -> list[CheckResult]:
     return results
 
 
-def _check_ops(offload_optimizer: bool) -> list[CheckResult]:
-    """DeepSpeedCPUAdam (optimizer offload) and DeepSpeed's CPU communication op are compiled on first use."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
+def _check_ops(config: dict) -> list[CheckResult]:
+    """The ops DeepSpeed compiles on first use (CPU Adam for optimizer offload, FusedAdam without, the CPU
+    accelerator's communication op): already in the environment's build cache, or buildable here."""
+    from internvl.train.deepspeed_ops import (
+        OP_TITLES,
+        extension_build_root,
+        ops_to_build,
+        use_environment_build_cache,
+    )
 
-    on_cpu = get_accelerator().device_name() == "cpu"
-    if not (on_cpu or (offload_optimizer and not installed_ops.get("cpu_adam"))):
-        return []
+    environ = dict(os.environ)
+    use_environment_build_cache(environ)  # the folder training will use
+    cache = extension_build_root(environ)
+    pending = [OP_TITLES[name] for name in ops_to_build(config, environ)]
+    if not pending:
+        return [ok("DeepSpeed ops", f"compiled already (cache: {cache})")]
     from torch.utils.cpp_extension import is_ninja_available
 
     compiler = os.environ.get("CXX", "c++")
@@ -142,10 +150,10 @@ def _check_ops(offload_optimizer: bool) -> list[CheckResult]:
     missing = [what for what, present in tools if not present]
     if missing:
         return [fail(
-            "DeepSpeed ops", f"DeepSpeed compiles CPU Adam and its CPU communication op on first use, which needs "
+            "DeepSpeed ops", f"DeepSpeed compiles {' and '.join(pending)} on first use, which needs "
             f"{' and '.join(missing)}",
             "install them (apt install g++; pip install ninja), or pre-build the op: DS_BUILD_CPU_ADAM=1 pip "
             "install --no-cache-dir --force-reinstall deepspeed",
         )]
-    return [ok("DeepSpeed ops", f"compiler ({compiler}) and ninja present for the first-use build "
-                                "(about a minute)")]
+    return [ok("DeepSpeed ops", f"{' and '.join(pending)} compile on the first run: about a minute, once, "
+                                f"cached in {cache} (compiler {compiler} and ninja present)")]

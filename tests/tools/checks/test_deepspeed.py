@@ -34,3 +34,19 @@ def test_an_arch_list_deepspeed_cannot_parse_is_reported_with_what_training_does
     assert result.status == Status.OK and "'8.0;9.0a' set to '8.0;9.0'" in result.message
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     assert deepspeed._check_arch_list() == []
+
+
+def test_the_ops_check_says_whether_deepspeed_will_compile_and_where_it_caches(monkeypatch, tmp_path):
+    from internvl.train.deepspeed_ops import ops_to_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    config = json.loads((REPO / "configs" / "zero_stage3_config.json").read_text())
+    pending = ops_to_build(config)
+    assert "cpu_adam" in pending  # optimizer offload, nothing cached in the empty folder yet
+    [result] = deepspeed._check_ops(config)
+    assert result.status == Status.OK and "CPU Adam (optimizer offload)" in result.message
+    assert f"compile on the first run: about a minute, once, cached in {tmp_path}" in result.message
+    for name in pending:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.so").write_bytes(b"")
+    assert deepspeed._check_ops(config)[0].message == f"compiled already (cache: {tmp_path})"
