@@ -28,6 +28,7 @@ LOSS_CURVES_NAME = "loss_curves.png"
 #   "step 3/10 | epoch 0.30 | loss 1.2345 | lr 2.000e-05 | grad_norm 0.5000 | ..."
 #   "eval  step 3/10 | eval_loss 1.2345 | rougeL 12.34 | ..."
 _HEADER_LINE = re.compile(r"^# .* (?:resuming at step (\d+)|starting), (\d+) optimizer steps in all")
+_CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)/?$")
 _STEP_FIELD = re.compile(r"^(eval\s+)?step (\d+)/(\d+)$")
 # The loss panel spans at least this fraction of its largest value, so that noise of a flat loss (7.60-7.68)
 # does not fill the axis and read as a trend.
@@ -47,6 +48,7 @@ class LossHistory:
     grad_norm: dict[int, float] = field(default_factory=dict)
     eval_metrics: dict[str, dict[int, float]] = field(default_factory=dict)  # "rougeL" -> {step: score}
     resumed_at: list[int] = field(default_factory=list)
+    best_step: int | None = None  # of the best checkpoint (--metric_for_best_model), from trainer_state.json
     logging_steps: int | None = None
     max_steps: int | None = None
 
@@ -71,6 +73,8 @@ def _read_trainer_state(path: Path) -> LossHistory:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a trainer state with a 'log_history' list ({error})") from error
     history = LossHistory(source=path, logging_steps=state.get("logging_steps"), max_steps=state.get("max_steps"))
+    best = _CHECKPOINT_STEP.search(state.get("best_model_checkpoint") or "")
+    history.best_step = int(best.group(1)) if best else None
     for entry in log_history:
         if "step" not in entry:
             continue
@@ -189,7 +193,8 @@ def _too_short_note(history: LossHistory) -> str:
 
 def build_loss_figure(history: LossHistory, title: str) -> Figure:
     """Loss (train per logging step, eval per evaluation), learning rate, gradient norm and generation metrics
-    against the optimizer step, one panel each (panels without values are left out); resume points are marked.
+    against the optimizer step, one panel each (panels without values are left out); resume points and the best
+    checkpoint are marked.
     With fewer than two points the figure is a note saying why there is no curve."""
     if history.too_short_for_a_curve:
         figure = Figure(figsize=(8, 3), dpi=120, layout="constrained")
@@ -242,6 +247,9 @@ def build_loss_figure(history: LossHistory, title: str) -> Figure:
         for step in history.resumed_at:
             axes.axvline(step, color="0.4", linestyle="--", linewidth=1,
                          label="resumed" if index == 0 and step == history.resumed_at[0] else None)
+        if history.best_step is not None:
+            axes.axvline(history.best_step, color="tab:green", linestyle=":", linewidth=1.5,
+                         label="best checkpoint" if index == 0 else None)
     loss.legend(loc="upper right")
     last = axes_by_panel[panels[-1]]
     last.set_xlabel("optimizer step")

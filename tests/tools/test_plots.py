@@ -118,6 +118,19 @@ def test_resume_points_from_the_training_log_are_marked_on_every_panel(tmp_path)
     assert "resumed" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
 
 
+def test_the_best_checkpoint_is_marked(tmp_path):
+    _write_trainer_state(tmp_path, train_steps=list(range(1, 9)), eval_steps=[4, 8])
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    state["best_model_checkpoint"] = str(tmp_path / "checkpoint-4")
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    history = load_loss_history(tmp_path)
+    assert history.best_step == 4
+    figure = build_loss_figure(history, "run")
+    for axes in figure.axes:
+        assert [list(line.get_xdata()) for line in axes.lines if line.get_linestyle() == ":"] == [[4, 4]]
+    assert "best checkpoint" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
 def test_a_single_logged_point_gives_a_note_instead_of_a_dot(tmp_path):
     state = {"logging_steps": 10, "max_steps": 3,
              "log_history": [{"step": 3, "loss": 7.58}, {"step": 3, "train_runtime": 1.0}]}  # fmt: skip
