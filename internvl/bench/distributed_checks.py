@@ -6,10 +6,11 @@ processes, the recipe's ``main()`` and Trainer, 4-bit + LoRA, DeepSpeed ZeRO-3 w
 Three runs of the same seed, each process started as ``internvl.bench.distributed_worker`` (the recipe's own
 ``main()`` with a trainer that records what each process saw):
 
-1. **uninterrupted**: ``--steps`` optimizer steps, a checkpoint after every one. It answers
+1. **uninterrupted**: ``--steps`` optimizer steps over two epochs, a checkpoint after every step. It answers
    (a) *collectives*: every process's group has the backend it must have (NCCL between GPUs, gloo between CPU
    processes), and all-reduce, all-gather, reduce-scatter and broadcast give the right values on the training
-   device (with the bus bandwidth of a large all-gather and reduce-scatter beside them); and
+   device (with the bus bandwidth of a large all-gather and reduce-scatter beside them);
+   *epochs*: over all processes, every epoch trains each sample once; and
    (b) *adapter*: the adapter the recipe saved (at the end and in the last checkpoint) equals DeepSpeed's fp32
    master copy of the LoRA weights, consolidated from the ZeRO-3 checkpoint by DeepSpeed's own ``zero_to_fp32``,
    after the bf16 cast the save applies, bit for bit: the save copies the bf16 weights DeepSpeed derives from its
@@ -18,7 +19,7 @@ Three runs of the same seed, each process started as ``internvl.bench.distribute
    ZeRO-3 partitions every parameter, LoRA's included: the shipped threshold (1e7) keeps the LoRA weights whole on
    every process, and a save from an un-gathered partition would go unnoticed there.
 2. **killed**: the same run, with one non-zero rank (``--kill-rank``) sent SIGKILL once checkpoint
-   ``--kill-after-step`` is complete. (c) *kill*: ``torchrun`` must end the whole job within ``--exit-timeout``
+   ``--kill-after-step`` is complete (by default inside the second epoch). (c) *kill*: ``torchrun`` must end the whole job within ``--exit-timeout``
    seconds (no hang), exit non-zero, name the killed rank and the signal in its failure summary, and leave no
    process of the job behind.
 3. **resumed**: the same command in the killed run's folder, which resumes from its last complete checkpoint.
@@ -28,7 +29,8 @@ Three runs of the same seed, each process started as ``internvl.bench.distribute
    run 1's within ``RESUME_TOLERANCE``.
 
 The samples are built so that their content depends on their index alone (one frame per video segment, no
-random frame draw), so a resumed run can repeat the uninterrupted one exactly. The report (JSON) holds every
+random frame draw) and differs between any two (summaries of different lengths), so a resumed run can repeat the
+uninterrupted one and the fingerprints tell every sample apart. The report (JSON) holds every
 check's figures and ``status`` "ok" or "failed"; the command exits with 1 unless it is "ok".
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -500,6 +503,7 @@ def compare_resumed_steps(uninterrupted: dict, killed: dict, resumed: dict, resu
     extra = sorted(combined.keys() - uninterrupted.keys())
     common = sorted(uninterrupted.keys() & combined.keys())
     other_inputs = [key for key in common if combined[key]["inputs"] != uninterrupted[key]["inputs"]]
+    non_finite = sum(not math.isfinite(r["loss"]) for r in [*combined.values(), *uninterrupted.values()])
     before = [_relative(combined[k]["loss"], uninterrupted[k]["loss"]) for k in common if k[0] <= resumed_at]
     after = [_relative(combined[k]["loss"], uninterrupted[k]["loss"]) for k in common if k[0] > resumed_at]
     return {
@@ -509,6 +513,7 @@ def compare_resumed_steps(uninterrupted: dict, killed: dict, resumed: dict, resu
         "extra": extra[:5],
         "other_inputs": other_inputs[:5],
         "other_inputs_count": len(other_inputs),
+        "non_finite_losses": non_finite,
         "loss_rel_difference_before_kill": max(before, default=0.0),
         "loss_rel_difference_after_resume": max(after, default=0.0),
         "resumed_micro_batches": len(after),
@@ -549,13 +554,15 @@ def judge_resume(steps: dict, adapter: dict, master: dict, tolerance: Tolerance,
     if steps["other_inputs_count"]:
         problems.append(f"{steps['other_inputs_count']} micro-batches saw other inputs than in the uninterrupted run "
                         f"(step, micro-batch, rank): {steps['other_inputs']}")  # fmt: skip
+    if steps["non_finite_losses"]:
+        problems.append(f"{steps['non_finite_losses']} micro-batch losses are not finite: nothing to compare")
     if steps["loss_rel_difference_after_resume"] > tolerance.loss_rtol:
         problems.append(f"losses after the resume differ by {steps['loss_rel_difference_after_resume']:.3g} "
                         f"(relative; tolerance {tolerance.loss_rtol:g})")  # fmt: skip
     for name, weights in (("final adapter", adapter), ("fp32 master weights", master)):
         if not weights["same_tensors"]:
             problems.append(f"the resumed run's {name} hold other tensors than the uninterrupted run's")
-        elif weights["lora_B_rel_difference"] > tolerance.weight_rel:
+        elif not weights["lora_B_rel_difference"] <= tolerance.weight_rel:  # NaN fails too
             problems.append(f"the resumed run's {name} differ by {weights['lora_B_rel_difference']:.3g} (relative, "
                             f"lora_B; tolerance {tolerance.weight_rel:g})")  # fmt: skip
     return {"ok": not problems, "problems": problems, "resumed_at": resumed_at, "tolerance": asdict(tolerance),

@@ -51,6 +51,15 @@ def expected_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def backend_for_device(backend: str, device: torch.device) -> str:
+    """The backend that serves ``device`` in a group's backend string, also a per-device one ("cuda:nccl,cpu:gloo")."""
+    for entry in backend.split(","):
+        kind, sep, name = entry.partition(":")
+        if sep and kind == device.type:
+            return name
+    return backend
+
+
 def training_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -132,12 +141,13 @@ def trainable_partition(model: torch.nn.Module) -> dict[str, int]:
 def collectives_report(model: torch.nn.Module) -> dict:
     """What this process's training sees of the process group (see the module docstring)."""
     device = training_device()
-    backend = dist.get_backend()
+    backend = str(dist.get_backend())
     report = {
         "rank": dist.get_rank(),
         "world_size": dist.get_world_size(),
         "device": str(device),
-        "backend": backend,
+        "group_backend": backend,
+        "backend": backend_for_device(backend, device),
         "expected_backend": expected_backend(device),
         "values": check_collective_values(device),
         "bandwidth": collective_bandwidth(device),

@@ -23,7 +23,7 @@ from internvl.bench.distributed_checks import (
     judge_resume,
     run_checks,
 )
-from internvl.bench.distributed_worker import collectives_path
+from internvl.bench.distributed_worker import backend_for_device, collectives_path
 
 MASTER_PREFIX = "language_model.base_model.model.model.layers.0.self_attn.q_proj"
 SAVED_PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -139,6 +139,8 @@ def test_the_resume_verdict_uses_the_device_tolerance():
     assert not judge_resume(steps, same, same, RESUME_TOLERANCE["cpu"], **arguments)["ok"]
     assert judge_resume(steps, same, same, RESUME_TOLERANCE["cuda"], **arguments)["ok"]
     assert not judge_resume(steps, other, same, RESUME_TOLERANCE["cuda"], **arguments)["ok"]
+    broken = {**steps, "non_finite_losses": 2, "loss_rel_difference_after_resume": float("nan")}
+    assert not judge_resume(broken, same, same, RESUME_TOLERANCE["cuda"], **arguments)["ok"]
     early = {**arguments, "resumed_at": 1}
     assert "before the complete checkpoint-2" in judge_resume(steps, same, same, RESUME_TOLERANCE["cuda"],
                                                               **early)["problems"][0]  # fmt: skip
@@ -160,6 +162,12 @@ def test_the_kill_verdict_needs_a_clear_end_of_the_whole_job():
     assert not kill_verdict(log_text="Traceback: connection reset")["ok"]
     assert "still running" in kill_verdict(leftovers=[4243])["problems"][0]
     assert not kill_verdict(finished=True)["ok"]
+
+
+def test_the_backend_that_serves_the_training_device():
+    assert backend_for_device("nccl", torch.device("cuda", 0)) == "nccl"
+    assert backend_for_device("cuda:nccl,cpu:gloo", torch.device("cuda", 1)) == "nccl"
+    assert backend_for_device("cuda:nccl,cpu:gloo", torch.device("cpu")) == "gloo"
 
 
 def collectives_report(rank: int, backend: str = "gloo", held: int = 50, values_ok: bool = True) -> dict:
