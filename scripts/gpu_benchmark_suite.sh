@@ -174,7 +174,6 @@ variant() {  # one named variant of the benchmark
     zero2_levers_24gb) tokens=$(tokens_per_sample); run zero2_levers_24gb 240 --deepspeed zero_stage2_config.json --gpu-memory-cap-gb 22.5 --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     one_gpu_levers) tokens=$(tokens_per_sample); one_gpu_run one_gpu_levers 240 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" -- --use_liger True --grad_checkpoint_skip_layers auto ;;
     zero2_levers_profile) tokens=$(tokens_per_sample); run zero2_levers_profile 300 --deepspeed zero_stage2_config.json --max-seq-length "$tokens" --profile -- --use_liger True --grad_checkpoint_skip_layers auto ;;
-    default_layer_leaf_24gb) run default_layer_leaf_24gb 240 --deepspeed "$R/zero3_layer_leaf.json" --gpu-memory-cap-gb 22.5 ;;
     check_tiny) distributed_check check_tiny 300 --model-config tiny ;;
     check_8b) distributed_check check_8b 540 --model-config "$MODEL_CONFIG" ;;
     # Variable-length data on one GPU: 8-32 frames (the recipe's draw from 32-frame videos), summaries of 20-200
